@@ -1,0 +1,40 @@
+"""Shared fixtures: settings for tests and a real in-process Hypercorn server on port 0."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+
+from trio_ws.serving import RunningServer, serve
+from trio_ws.settings import Settings
+
+StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest.fixture
+def settings() -> Settings:
+    # Periodic messages off unless a test asks for them, so frame sequences are predictable.
+    return Settings(port=0, broadcast_interval=0, ping_interval=0, log_level="DEBUG")
+
+
+@pytest.fixture
+def start_server(nursery: trio.Nursery, settings: Settings) -> StartServer:
+    """Start a real Hypercorn server (the launcher's ``serve``) with ``settings`` changed by
+    keyword arguments; signals stay with pytest, tests call ``hub.request_drain``."""
+
+    async def start(**changes: Any) -> RunningServer:
+        server: RunningServer = await nursery.start(
+            partial(serve, settings.with_changes(**changes), handle_signals=False)
+        )
+        return server
+
+    return start
+
+
+@pytest.fixture
+async def server(start_server: StartServer) -> RunningServer:
+    return await start_server()

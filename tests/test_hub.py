@@ -1,0 +1,194 @@
+"""The hub (core service) on a mock clock, with no sockets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from trio_ws.hub import Hub, HubState
+from trio_ws.protocol import ClientIdError, CloseCode
+from trio_ws.registry import Connection
+from trio_ws.settings import Settings
+
+
+def frames(conn: Connection) -> list[dict[str, Any]]:
+    out = []
+    while True:
+        try:
+            out.append(json.loads(conn.outbox.receive_nowait()))
+        except trio.WouldBlock:
+            return out
+
+
+def make_hub(**changes: Any) -> Hub:
+    return Hub(Settings(**changes), wall_clock=lambda: 1_000.0)
+
+
+def test_connect_queues_a_welcome_first() -> None:
+    hub = make_hub()
+    alice = hub.connect("alice", "1.2.3.4:5")
+    bob = hub.connect(None, "1.2.3.4:6")
+    assert bob.client_id.startswith("anon-")
+    assert frames(alice) == [
+        {
+            "type": "welcome",
+            "client_id": "alice",
+            "active_connections": 1,
+            "server_time": "1970-01-01T00:16:40.000Z",
+            "ts": 1000.0,
+        }
+    ]
+    assert frames(bob)[0]["active_connections"] == 2
+
+
+def test_bad_client_id_is_refused() -> None:
+    hub = make_hub()
+    with pytest.raises(ClientIdError):
+        hub.connect("no spaces", "p")
+    assert len(hub.registry) == 0
+
+
+def test_reconnect_with_same_id_replaces_the_old_connection() -> None:
+    hub = make_hub()
+    old = hub.connect("alice", "p1")
+    new = hub.connect("alice", "p2")
+    assert (old.close_code, old.close_requested) == (CloseCode.REPLACED, True)
+    assert hub.registry.get("alice") is new
+    hub.disconnect(old)  # the old handler's cleanup must not remove the new one
+    assert hub.registry.get("alice") is new
+
+
+def test_publish_reaches_everyone_including_the_sender_with_increasing_ids() -> None:
+    hub = make_hub()
+    a, b = hub.connect("a", "p"), hub.connect("b", "p")
+    frames(a), frames(b)
+    assert hub.publish("a", "one") == 2
+    assert hub.publish("b", "two <b>") == 2
+    for conn in (a, b):
+        assert [(f["id"], f["from"], f["text"]) for f in frames(conn)] == [
+            (1, "a", "one"),
+            (2, "b", "two <b>"),
+        ]
+
+
+async def test_periodic_every_interval_until_the_drain(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = make_hub(broadcast_interval=10, drain_timeout=100)
+    conn = hub.connect("a", "p")
+    frames(conn)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        await trio.sleep(35)
+        assert [(f["type"], f["id"]) for f in frames(conn)] == [
+            ("periodic", 1),
+            ("periodic", 2),
+            ("periodic", 3),
+        ]
+        hub.request_drain("test")
+        await trio.sleep(50)
+        got = frames(conn)
+        assert [f["type"] for f in got] == ["shutdown"]  # no periodic once draining
+        assert got[0]["seconds_left"] == 100
+        hub.disconnect(conn)
+    assert hub.state is HubState.STOPPED
+    assert trio.current_time() == 85
+
+
+async def test_drain_warns_everyone_and_stops_when_they_leave(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    hub = make_hub(drain_timeout=1800)
+    conns = [hub.connect(f"c{i}", "p") for i in range(3)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        hub.handle_signal(signal.SIGTERM)
+        assert hub.draining
+        assert not hub.is_ready()
+        await trio.testing.wait_all_tasks_blocked()
+        for conn in conns:
+            assert frames(conn)[-1]["type"] == "shutdown"
+        for i, conn in enumerate(conns):
+            await trio.sleep(5)
+            hub.disconnect(conn)
+            assert hub.health()["active_connections"] == 2 - i
+    assert trio.current_time() == 15
+    assert hub.outcome is not None
+    assert hub.outcome.closed_by_server == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert (
+        "drain started (SIGTERM): 3 connections, deadline 1800s (at 1970-01-01T00:46:40.000Z)"
+        in messages
+    )
+    assert "drain: client c0 left after 5.0s of drain, 2 connections remain" in messages
+    assert "drain: warned 3 clients" in messages
+
+
+async def test_drain_with_no_clients_is_immediate(autojump_clock: trio.testing.MockClock) -> None:
+    hub = make_hub()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        hub.request_drain("SIGTERM")
+        await hub.wait_stopped()
+    assert trio.current_time() == 0
+
+
+async def test_second_sigint_forces_but_repeated_sigterm_does_not(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = make_hub()
+    conn = hub.connect("a", "p")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        hub.handle_signal(signal.SIGTERM)
+        await trio.sleep(60)
+        hub.handle_signal(signal.SIGTERM)  # process managers repeat SIGTERM
+        await trio.sleep(60)
+        assert not conn.close_requested
+        hub.handle_signal(signal.SIGINT)  # an operator's second Ctrl+C
+        await trio.testing.wait_all_tasks_blocked()
+        assert (conn.close_code, conn.close_reason) == (1001, "server shutting down now")
+        hub.disconnect(conn)
+    assert trio.current_time() == 120
+
+
+async def test_health_reports_drain_progress(autojump_clock: trio.testing.MockClock) -> None:
+    hub = make_hub(drain_timeout=600)
+    hub.connect("a", "p")
+    report = hub.health()
+    assert report["status"] == "ok"
+    assert report["shutdown_in_progress"] is False
+    assert report["drain"] is None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        hub.request_drain("SIGTERM")
+        await trio.sleep(30)
+        report = hub.health()
+        assert report["status"] == "draining"
+        assert report["shutdown_in_progress"] is True
+        assert report["active_connections"] == 1
+        assert report["drain"] == {
+            "reason": "SIGTERM",
+            "started_at": "1970-01-01T00:16:40.000Z",
+            "elapsed_s": 30.0,
+            "time_left_s": 570.0,
+            "deadline_s": 600.0,
+            "connections_at_start": 1,
+        }
+        hub.force_close("test over")
+        hub.disconnect(hub.registry.get("a"))  # type: ignore[arg-type]
+    assert hub.health()["status"] == "stopped"
+
+
+def test_connect_while_draining_is_a_programming_error() -> None:
+    hub = make_hub()
+    hub.request_drain("test")
+    with pytest.raises(RuntimeError, match="refuse the connection with 1001"):
+        hub.connect("a", "p")

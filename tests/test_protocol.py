@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trio_ws import protocol
+from trio_ws.protocol import ClientIdError, CloseCode
+
+
+@pytest.mark.parametrize("client_id", ["a", "alice", "A-1_b.c", "x" * 64])
+def test_valid_client_ids(client_id: str) -> None:
+    assert protocol.validate_client_id(client_id) == client_id
+
+
+@pytest.mark.parametrize("client_id", ["", "x" * 65, "a b", "é", "a/b", "<script>", "a\n"])
+def test_invalid_client_ids(client_id: str) -> None:
+    with pytest.raises(ClientIdError):
+        protocol.validate_client_id(client_id)
+
+
+def test_close_reason_fits_a_close_frame() -> None:
+    # A close frame's reason may be at most 123 bytes of UTF-8.
+    with pytest.raises(ClientIdError) as info:
+        protocol.validate_client_id("")
+    assert len(str(info.value).encode()) <= 123
+
+
+def test_server_assigned_ids_are_valid_and_distinct() -> None:
+    ids = {protocol.new_client_id() for _ in range(100)}
+    assert len(ids) == 100
+    for client_id in ids:
+        protocol.validate_client_id(client_id)
+
+
+def test_frames() -> None:
+    ts = 1_800_000_000.25
+    assert json.loads(protocol.welcome_frame(client_id="a", active_connections=3, ts=ts)) == {
+        "type": "welcome",
+        "client_id": "a",
+        "active_connections": 3,
+        "server_time": "2027-01-15T08:00:00.250Z",
+        "ts": ts,
+    }
+    text = 'quote " backslash \\ newline \n <b>html</b> ünï 🎉'
+    assert json.loads(protocol.message_frame(message_id=7, sender="a", text=text, ts=ts)) == {
+        "type": "message",
+        "id": 7,
+        "from": "a",
+        "text": text,
+        "ts": ts,
+    }
+    assert json.loads(protocol.periodic_frame(message_id=8, active_connections=0, ts=ts)) == {
+        "type": "periodic",
+        "id": 8,
+        "active_connections": 0,
+        "ts": ts,
+    }
+    assert json.loads(protocol.shutdown_frame(reason="bye", seconds_left=1799.99951, ts=ts)) == {
+        "type": "shutdown",
+        "reason": "bye",
+        "seconds_left": 1800.0,
+        "ts": ts,
+    }
+
+
+def test_a_frame_holds_no_raw_newline() -> None:
+    # Clients may split a frame on newlines (several JSON objects per frame): text must not
+    # break it.
+    frame = protocol.message_frame(message_id=1, sender="a", text="one\ntwo\r\n", ts=0.0)
+    assert "\n" not in frame
+
+
+def test_close_codes_are_documented_values() -> None:
+    assert [int(code) for code in CloseCode] == [1001, 1003, 1008, 1009, 4008, 4500]

@@ -1,0 +1,365 @@
+"""End to end: a real Hypercorn server on port 0 (the launcher's ``serve``), trio-websocket
+clients, and raw sockets for the clients that misbehave."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import trio
+import trio.testing
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from tests.conftest import StartServer
+from tests.wsutil import (
+    close_code,
+    frames_until_closed,
+    http_get,
+    http_json,
+    next_frame,
+    raw_handshake,
+    read_server_frames,
+    reset,
+    wait_until,
+)
+from trio_ws.serving import RunningServer
+
+
+def host_port(server: RunningServer) -> tuple[str, int]:
+    host, port = server.binds[0].split("://", 1)[1].rsplit(":", 1)
+    return host, int(port)
+
+
+async def test_welcome_then_every_message_to_everyone(server: RunningServer) -> None:
+    async with (
+        open_websocket_url(server.ws_url + "/alice") as alice,
+        open_websocket_url(server.ws_url) as anon,
+    ):
+        welcome = await next_frame(alice)
+        assert (welcome["type"], welcome["client_id"], welcome["active_connections"]) == (
+            "welcome",
+            "alice",
+            1,
+        )
+        anon_welcome = await next_frame(anon)
+        assert anon_welcome["client_id"].startswith("anon-")
+        assert anon_welcome["active_connections"] == 2
+        text = '<img src=x onerror=alert(1)> "quotes" \\ ünï 🎉\nline'
+        await alice.send_message(text)
+        await anon.send_message("second")
+        for ws in (alice, anon):
+            first, second = await next_frame(ws), await next_frame(ws)
+            assert (first["type"], first["from"], first["text"]) == ("message", "alice", text)
+            assert (second["from"], second["text"]) == (anon_welcome["client_id"], "second")
+            assert second["id"] == first["id"] + 1
+    await wait_until(lambda: len(server.hub.registry) == 0)
+
+
+async def test_periodic_message(start_server: StartServer) -> None:
+    server = await start_server(broadcast_interval=0.2)
+    async with open_websocket_url(server.ws_url) as ws:
+        await next_frame(ws)
+        periodic = await next_frame(ws)
+        assert periodic["type"] == "periodic"
+        assert periodic["active_connections"] == 1
+        assert (await next_frame(ws))["id"] == periodic["id"] + 1
+
+
+@pytest.mark.parametrize("path", ["/" + "x" * 65, "/a%20b", "/%C3%A9t%C3%A9", "/a;b"])
+async def test_bad_client_id_is_closed_with_1008(server: RunningServer, path: str) -> None:
+    async with open_websocket_url(server.ws_url + path) as ws:
+        code, reason = await close_code(ws)
+    assert code == 1008
+    assert reason == "client id must be 1-64 characters of A-Z a-z 0-9 _ . -"
+    assert len(server.hub.registry) == 0
+
+
+async def test_binary_frame_is_closed_with_1003_and_others_carry_on(server: RunningServer) -> None:
+    async with (
+        open_websocket_url(server.ws_url + "/good") as good,
+        open_websocket_url(server.ws_url + "/bad") as bad,
+    ):
+        await next_frame(good)
+        await bad.send_message(b"\x00\x01")
+        assert await close_code(bad) == (1003, "binary frames are not supported; send text")
+        await good.send_message("still here")
+        assert (await next_frame(good))["text"] == "still here"
+
+
+async def test_oversized_frame_is_closed_with_1009(start_server: StartServer) -> None:
+    server = await start_server(max_message_size=2048)
+    async with (
+        open_websocket_url(server.ws_url + "/good") as good,
+        open_websocket_url(server.ws_url + "/big") as big,
+    ):
+        await next_frame(good)
+        await big.send_message("é" * 1024)  # 2048 bytes: exactly the limit, accepted
+        await big.send_message("é" * 1025)  # 2050 bytes: one character too many
+        code, _ = await close_code(big)
+        assert code == 1009
+        assert (await next_frame(good))["text"] == "é" * 1024
+
+
+async def test_the_app_itself_enforces_the_size_in_bytes() -> None:
+    """Under the hypercorn CLI Hypercorn's own limit is 16 MiB; the app closes with 1009."""
+    from quart.testing.connections import WebsocketDisconnectError
+
+    from trio_ws.runmode import RunMode
+    from trio_ws.settings import Settings
+    from trio_ws.web import create_app
+
+    app = create_app(Settings(max_message_size=1024), run_mode=RunMode.EMBEDDED)
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        async with client.websocket("/ws/multibyte") as ws:
+            welcome = json.loads(await ws.receive())
+            assert welcome["type"] == "welcome"
+            await ws.send("€" * 342)  # 342 characters, 1026 bytes
+            with pytest.raises(WebsocketDisconnectError) as info:
+                await ws.receive()
+            assert info.value.args[0] == 1009
+
+
+async def test_same_id_replaces_the_older_connection_with_4500(server: RunningServer) -> None:
+    async with open_websocket_url(server.ws_url + "/alice") as old:
+        await next_frame(old)
+        async with open_websocket_url(server.ws_url + "/alice") as new:
+            assert (await next_frame(new))["type"] == "welcome"
+            assert await close_code(old) == (4500, "replaced by a newer connection")
+            await new.send_message("I am the one")
+            assert (await next_frame(new))["text"] == "I am the one"
+            assert len(server.hub.registry) == 1
+
+
+async def test_drain_warns_refuses_new_and_reports(server: RunningServer) -> None:
+    async with open_websocket_url(server.ws_url + "/stayer") as stayer:
+        await next_frame(stayer)
+        assert await http_json(server.binds[0], "/ready") == (200, {"ready": True})
+        server.hub.request_drain("SIGTERM")
+        warning = await next_frame(stayer, timeout=1)
+        assert warning["type"] == "shutdown"
+        assert warning["seconds_left"] == 1800
+        assert "shutting down" in warning["reason"]
+        # A new connection is accepted and closed with 1001, not refused at the HTTP level.
+        async with open_websocket_url(server.ws_url + "/late") as late:
+            assert await close_code(late) == (
+                1001,
+                "server is shutting down; reconnect to another instance",
+            )
+        status, health = await http_json(server.binds[0], "/health")
+        assert status == 200
+        assert health["shutdown_in_progress"] is True
+        assert health["status"] == "draining"
+        assert health["active_connections"] == 1
+        assert health["refused_during_drain"] == 1
+        assert health["drain"]["connections_at_start"] == 1
+        assert health["mode"] == "launcher"
+        assert await http_json(server.binds[0], "/ready") == (
+            503,
+            {"ready": False, "reason": "draining"},
+        )
+        # Messages still flow during the drain.
+        await stayer.send_message("still talking")
+        assert (await next_frame(stayer))["text"] == "still talking"
+    with trio.fail_after(1):
+        await server.hub.wait_stopped()
+    assert server.hub.outcome is not None
+    assert server.hub.outcome.end.value == "drained"
+
+
+async def test_deadline_closes_remaining_clients_with_1001(
+    autojump_clock: trio.testing.MockClock, server: RunningServer
+) -> None:
+    async with (
+        open_websocket_url(server.ws_url + "/a") as a,
+        open_websocket_url(server.ws_url + "/b") as b,
+    ):
+        await next_frame(a)
+        await next_frame(b)
+        started = trio.current_time()
+        server.hub.request_drain("SIGTERM")
+        for ws in (a, b):
+            frames = await frames_until_closed(ws, timeout=2000)
+            assert [f["type"] for f in frames] == ["shutdown"]
+            assert ws.closed is not None
+            assert (ws.closed.code, ws.closed.reason) == (1001, "drain deadline reached")
+        assert trio.current_time() - started == pytest.approx(1800, abs=1)
+    await server.hub.wait_stopped()
+    assert server.hub.outcome is not None
+    assert server.hub.outcome.closed_by_server == 2
+
+
+async def test_no_clients_stops_at_once_and_closes_the_listener(server: RunningServer) -> None:
+    server.hub.request_drain("SIGTERM")
+    with trio.fail_after(1):
+        await server.hub.wait_stopped()
+    host, port = host_port(server)
+
+    async def refused() -> bool:
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError:
+            return True
+        await stream.aclose()
+        return False
+
+    with trio.fail_after(2):
+        while not await refused():  # noqa: ASYNC110  # polls the kernel's listener state
+            await trio.sleep(0.01)
+
+
+async def test_slow_client_is_cut_with_4008_and_others_get_everything(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start_server(queue_size=8)
+    host, port = host_port(server)
+    slow = await raw_handshake(host, port, "/ws/slow", rcvbuf=4096)
+    count, size = 200, 16 * 1024
+    async with (
+        open_websocket_url(server.ws_url + "/publisher") as publisher,
+        open_websocket_url(server.ws_url + "/reader") as reader,
+    ):
+        await next_frame(publisher)
+        await next_frame(reader)
+
+        async def publish() -> None:
+            # Closed loop (the next message after the echo of the last): healthy clients keep up.
+            for i in range(count):
+                await publisher.send_message(f"{i:05d}" + "x" * size)
+                while (await next_frame(publisher))["text"][:5] != f"{i:05d}":
+                    pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publish)
+            got: list[int] = []
+            while len(got) < count:
+                frame = await next_frame(reader, timeout=20)
+                if frame["type"] == "message":
+                    got.append(int(frame["text"][:5]))
+        assert got == list(range(count))  # every message, in order, none lost
+    assert server.hub.registry.get("slow") is None
+    assert server.hub.registry.statistics().slow_disconnects == 1
+    assert "client slow" in caplog.text
+    assert "(slow consumer)" in caplog.text
+    # When the slow client finally reads, its stream ends with the documented close frame.
+    frames = await read_server_frames(slow)
+    opcode, payload = frames[-1]
+    assert opcode == 0x8
+    assert int.from_bytes(payload[:2], "big") == 4008
+    slow.close()
+
+
+async def test_abrupt_tcp_reset_removes_the_entry(server: RunningServer) -> None:
+    host, port = host_port(server)
+    async with open_websocket_url(server.ws_url + "/witness") as witness:
+        await next_frame(witness)
+        sock = await raw_handshake(host, port, "/ws/victim")
+        await wait_until(lambda: server.hub.registry.get("victim") is not None)
+        reset(sock)
+        await wait_until(lambda: server.hub.registry.get("victim") is None)
+        await witness.send_message("after reset")
+        assert (await next_frame(witness))["text"] == "after reset"
+    await wait_until(lambda: len(server.hub.registry) == 0)
+
+
+async def test_clients_leaving_during_broadcasts(server: RunningServer) -> None:
+    """Clients that vanish mid-stream do not disturb the stream to the others."""
+    async with open_websocket_url(server.ws_url + "/steady") as steady:
+        await next_frame(steady)
+        async with trio.open_nursery() as nursery:
+
+            async def leaver(i: int) -> None:
+                async with open_websocket_url(server.ws_url + f"/leaver{i}") as ws:
+                    await next_frame(ws)
+                    for _ in range(i % 5):
+                        await ws.get_message()
+                if i % 2:
+                    sock = await raw_handshake(*host_port(server), f"/ws/resetter{i}")
+                    reset(sock)
+
+            for i in range(30):
+                nursery.start_soon(leaver, i)
+            for n in range(100):
+                await steady.send_message(f"m{n}")
+                await trio.lowlevel.checkpoint()
+        texts: list[str] = []
+        while len(texts) < 100:
+            frame = await next_frame(steady)
+            if frame["type"] == "message":
+                texts.append(frame["text"])
+        assert texts == [f"m{n}" for n in range(100)]
+    await wait_until(lambda: len(server.hub.registry) == 0)
+
+
+async def test_connect_disconnect_storm(server: RunningServer) -> None:
+    async def client(i: int) -> None:
+        try:
+            async with open_websocket_url(server.ws_url + f"/storm{i % 40}") as ws:
+                await next_frame(ws)
+                await ws.send_message(f"hi {i}")
+        except ConnectionClosed:
+            pass  # replaced by a namesake (4500): expected in a storm
+
+    async with trio.open_nursery() as nursery:
+        for i in range(150):
+            nursery.start_soon(client, i)
+    await wait_until(lambda: len(server.hub.registry) == 0)
+    _, health = await http_json(server.binds[0], "/health")
+    assert health["active_connections"] == 0
+    assert health["connections_total"] == 150
+
+
+async def test_page_and_health(server: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    status, page = await http_get(server.binds[0], "/")
+    assert status == 200
+    for needle in (
+        'id="client-id"',
+        'id="connect"',
+        'id="disconnect"',
+        'id="status"',
+        'id="send-form"',
+        'id="log"',
+        'id="banner"',
+        "textContent",
+    ):
+        assert needle in page
+    assert "innerHTML" not in page  # user text is never interpreted as HTML
+    assert "http://" not in page  # no external resource
+    assert "https://" not in page
+    status, health = await http_json(server.binds[0], "/health")
+    assert status == 200
+    assert {
+        "status",
+        "active_connections",
+        "shutdown_in_progress",
+        "timestamp",
+        "uptime_s",
+        "drain",
+        "pid",
+        "version",
+        "mode",
+    } <= health.keys()
+    assert (health["status"], health["shutdown_in_progress"]) == ("ok", False)
+
+
+async def test_a_client_that_never_reads_cannot_hold_the_server(
+    start_server: StartServer,
+) -> None:
+    """Hypercorn's socket send cannot be cancelled; TCP_USER_TIMEOUT is what ends it."""
+    server = await start_server(queue_size=4, stall_timeout=1)
+    host, port = host_port(server)
+    stuck = await raw_handshake(host, port, "/ws/stuck", rcvbuf=4096)
+    async with open_websocket_url(server.ws_url + "/publisher") as publisher:
+        await next_frame(publisher)
+        for i in range(40):
+            await publisher.send_message(f"{i}" + "x" * 16384)
+            await next_frame(publisher)
+        await wait_until(lambda: server.hub.registry.get("stuck") is None)
+    server.hub.request_drain("test")
+    # Without the stall timeout the stuck send would hold the exit for the kernel's full
+    # retransmission time (15 minutes and more).
+    with trio.fail_after(10):
+        await server.finished.wait()
+    stuck.close()

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import pytest
+
+from trio_ws.settings import Settings, SettingsError
+
+
+def test_defaults_match_the_original_design() -> None:
+    settings = Settings.from_env({})
+    assert settings.drain_timeout == 1800.0
+    assert settings.broadcast_interval == 10.0
+    assert settings.progress_interval == 10.0
+    assert settings.max_message_size == 64 * 1024
+    assert settings.log_level == "INFO"
+
+
+def test_every_variable_is_read() -> None:
+    settings = Settings.from_env(
+        {
+            "TRIO_WS_HOST": "0.0.0.0",
+            "TRIO_WS_PORT": "9000",
+            "TRIO_WS_DRAIN_TIMEOUT": "12.5",
+            "TRIO_WS_BROADCAST_INTERVAL": "0",
+            "TRIO_WS_PROGRESS_INTERVAL": "2",
+            "TRIO_WS_MAX_MESSAGE_SIZE": "2048",
+            "TRIO_WS_QUEUE_SIZE": "8",
+            "TRIO_WS_PING_INTERVAL": "5",
+            "TRIO_WS_STALL_TIMEOUT": "7",
+            "TRIO_WS_LOG_LEVEL": "debug",
+            "UNRELATED": "x",
+        }
+    )
+    assert settings == Settings(
+        host="0.0.0.0",
+        port=9000,
+        drain_timeout=12.5,
+        broadcast_interval=0.0,
+        progress_interval=2.0,
+        max_message_size=2048,
+        queue_size=8,
+        ping_interval=5.0,
+        stall_timeout=7.0,
+        log_level="DEBUG",
+    )
+
+
+def test_overrides_win_over_environment_and_none_means_unset() -> None:
+    settings = Settings.from_env(
+        {"TRIO_WS_DRAIN_TIMEOUT": "60", "TRIO_WS_PORT": "9000"}, drain_timeout=5.0, port=None
+    )
+    assert (settings.drain_timeout, settings.port) == (5.0, 9000)
+
+
+def test_blank_variable_means_default() -> None:
+    assert Settings.from_env({"TRIO_WS_DRAIN_TIMEOUT": "  "}).drain_timeout == 1800.0
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("TRIO_WS_DRAIN_TIMEOUT", "soon", "TRIO_WS_DRAIN_TIMEOUT must be a number, got 'soon'"),
+        ("TRIO_WS_DRAIN_TIMEOUT", "-1", "TRIO_WS_DRAIN_TIMEOUT must be seconds >= 0"),
+        ("TRIO_WS_DRAIN_TIMEOUT", "nan", "TRIO_WS_DRAIN_TIMEOUT must be a number"),
+        ("TRIO_WS_PORT", "80.5", "TRIO_WS_PORT must be an integer, got '80.5'"),
+        ("TRIO_WS_PORT", "70000", "TRIO_WS_PORT must be a TCP port"),
+        ("TRIO_WS_PROGRESS_INTERVAL", "0", "TRIO_WS_PROGRESS_INTERVAL must be seconds > 0"),
+        ("TRIO_WS_MAX_MESSAGE_SIZE", "10", "TRIO_WS_MAX_MESSAGE_SIZE must be bytes >= 1024"),
+        ("TRIO_WS_QUEUE_SIZE", "0", "TRIO_WS_QUEUE_SIZE must be an integer >= 1"),
+        ("TRIO_WS_LOG_LEVEL", "loud", "TRIO_WS_LOG_LEVEL must be DEBUG or INFO"),
+        ("TRIO_WS_CERTFILE", "cert.pem", "TRIO_WS_CERTFILE must be set together with keyfile"),
+    ],
+)
+def test_invalid_values_are_clear_errors(name: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message.replace(".", r"\.").replace("'", "'")):
+        Settings.from_env({name: value})
+
+
+def test_describe_names_every_behaviour_setting() -> None:
+    line = Settings(drain_timeout=30).describe()
+    assert "drain_timeout=30s" in line
+    assert "broadcast_interval=10s" in line
+    assert "max_message_size=65536" in line

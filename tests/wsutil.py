@@ -1,0 +1,143 @@
+"""Client-side helpers for tests: frame decoding, polling with a bound, raw WebSocket sockets."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+
+async def next_frame(ws: WebSocketConnection, timeout: float = 5) -> dict[str, Any]:
+    with trio.fail_after(timeout):
+        message = await ws.get_message()
+    assert isinstance(message, str)
+    frame: dict[str, Any] = json.loads(message)
+    return frame
+
+
+async def frames_until_closed(ws: WebSocketConnection, timeout: float = 10) -> list[dict[str, Any]]:
+    """Read every frame until the server closes; the close reason is then on ``ws.closed``."""
+    out: list[dict[str, Any]] = []
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                message = await ws.get_message()
+            except ConnectionClosed:
+                return out
+            assert isinstance(message, str)
+            out.append(json.loads(message))
+
+
+async def close_code(ws: WebSocketConnection, timeout: float = 10) -> tuple[int, str | None]:
+    await frames_until_closed(ws, timeout)
+    assert ws.closed is not None
+    return ws.closed.code, ws.closed.reason
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5, step: float = 0.01) -> None:
+    """Poll ``predicate`` (a state of another process or of the kernel) within ``timeout``."""
+    with trio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110  # no event exists for what is polled
+            await trio.sleep(step)
+
+
+async def raw_handshake(
+    host: str, port: int, path: str = "/ws", rcvbuf: int | None = None
+) -> trio.socket.SocketType:
+    """A socket that has completed a WebSocket handshake and reads nothing more.
+
+    ``rcvbuf`` shrinks the receive buffer (set before connecting, so the window is small), which
+    makes a client that never reads fill up fast.
+    """
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    await sock.connect((host, port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    await sock.send(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    response = b""
+    with trio.fail_after(5):
+        while b"\r\n\r\n" not in response:
+            chunk = await sock.recv(1)  # byte by byte: leave every frame after the headers unread
+            assert chunk, "server closed during the handshake"
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 101"), response
+    return sock
+
+
+def reset(sock: trio.socket.SocketType) -> None:
+    """Close with an RST instead of a FIN: an abrupt network failure as the server sees it."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def http_get(base_url: str, path: str, timeout: float = 5) -> tuple[int, str]:
+    """GET ``path`` over a fresh connection; return the status and the body."""
+    host_port = base_url.split("://", 1)[1]
+    host, port = host_port.rsplit(":", 1)
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            await stream.send_all(
+                f"GET {path} HTTP/1.1\r\nHost: {host_port}\r\nConnection: close\r\n\r\n".encode()
+            )
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some()
+            head, _, body = data.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+            while len(body) < int(headers["content-length"]):
+                body += await stream.receive_some()
+    return int(lines[0].split(" ", 2)[1]), body.decode()
+
+
+async def http_json(base_url: str, path: str) -> tuple[int, dict[str, Any]]:
+    status, body = await http_get(base_url, path)
+    parsed: dict[str, Any] = json.loads(body)
+    return status, parsed
+
+
+async def read_server_frames(
+    sock: trio.socket.SocketType, timeout: float = 10
+) -> list[tuple[int, bytes]]:
+    """Read unmasked server frames from a raw socket until a close frame; (opcode, payload)."""
+    buffer = b""
+    frames: list[tuple[int, bytes]] = []
+
+    async def need(count: int) -> None:
+        nonlocal buffer
+        while len(buffer) < count:
+            chunk = await sock.recv(65536)
+            assert chunk, "connection ended without a close frame"
+            buffer += chunk
+
+    with trio.fail_after(timeout):
+        while True:
+            await need(2)
+            opcode, length = buffer[0] & 0x0F, buffer[1] & 0x7F
+            header = 2
+            if length == 126:
+                await need(4)
+                length, header = int.from_bytes(buffer[2:4], "big"), 4
+            elif length == 127:
+                await need(10)
+                length, header = int.from_bytes(buffer[2:10], "big"), 10
+            await need(header + length)
+            frames.append((opcode, buffer[header : header + length]))
+            buffer = buffer[header + length :]
+            if opcode == 0x8:
+                return frames

@@ -1,0 +1,55 @@
+"""Command line of the launcher: ``python -m trio_ws`` and ``trio-ws``.
+
+Flags override the ``TRIO_WS_*`` environment variables, which override the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import TYPE_CHECKING
+
+import trio
+
+from trio_ws import __version__, serving
+from trio_ws.logs import configure_logging
+from trio_ws.settings import LOG_LEVELS, Settings, SettingsError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trio-ws",
+        description="WebSocket broadcast server with a graceful drain on SIGTERM/SIGINT. "
+        "Every flag has a TRIO_WS_* environment variable (--drain-timeout: "
+        "TRIO_WS_DRAIN_TIMEOUT, ...); flags win.",
+    )
+    add = parser.add_argument
+    add("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all IPv4)")
+    add("--port", type=int, help="TCP port (default 8000; 0 picks a free one)")
+    add("--drain-timeout", type=float, metavar="S", help="drain deadline in seconds (1800)")
+    add("--broadcast-interval", type=float, metavar="S", help="periodic message, 0=off (10)")
+    add("--progress-interval", type=float, metavar="S", help="drain progress log interval (10)")
+    add("--max-message-size", type=int, metavar="BYTES", help="largest client frame (65536)")
+    add("--queue-size", type=int, metavar="N", help="frames queued per client before 4008 (256)")
+    add("--ping-interval", type=float, metavar="S", help="WebSocket ping interval, 0=off (20)")
+    add("--stall-timeout", type=float, metavar="S", help="TCP_USER_TIMEOUT, 0=kernel's (30)")
+    add("--log-level", type=str.upper, choices=LOG_LEVELS, help="log level (INFO)")
+    add("--certfile", help="TLS certificate (PEM); serve wss:// and https://")
+    add("--keyfile", help="TLS private key (PEM)")
+    add("--version", action="version", version=f"trio_ws {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ, **vars(args))
+    except SettingsError as error:
+        parser.exit(2, f"trio-ws: error: {error}\n")
+    configure_logging(settings.log_level_number)
+    trio.run(serving.serve, settings)
+    return 0

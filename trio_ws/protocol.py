@@ -1,0 +1,93 @@
+"""The wire protocol: client ids, close codes and the JSON frames the server sends.
+
+Pure functions only. Each frame is encoded to text once and the same string object is queued for
+every client, so a broadcast costs one ``json.dumps`` whatever the number of receivers.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import secrets
+from datetime import UTC, datetime
+
+#: A client id chosen by the client: 1 to 64 characters of ``[A-Za-z0-9_.-]``.
+CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+class CloseCode(enum.IntEnum):
+    """Close codes the server sends, and what a client should do on each.
+
+    4000-4499 mean "reconnect, with backoff"; 4500-4999 mean "do not reconnect by yourself"
+    (the convention Centrifugo uses, so existing client libraries read them right).
+    """
+
+    #: The server is draining or shutting down: reconnect (another instance will answer).
+    GOING_AWAY = 1001
+    #: The client sent a binary frame; the protocol is text only.
+    UNSUPPORTED_DATA = 1003
+    #: The client id in the URL is not valid.
+    POLICY_VIOLATION = 1008
+    #: The client sent a frame larger than ``max_message_size``.
+    MESSAGE_TOO_BIG = 1009
+    #: The client did not read fast enough and its queue overflowed: reconnect with backoff.
+    SLOW_CONSUMER = 4008
+    #: A newer connection with the same client id took over: do not reconnect.
+    REPLACED = 4500
+
+
+class ClientIdError(ValueError):
+    """The client id in the URL is not 1 to 64 characters of ``[A-Za-z0-9_.-]``."""
+
+
+def validate_client_id(client_id: str) -> str:
+    """Return ``client_id`` if it is valid.
+
+    Errors: :class:`ClientIdError` with a reason short enough for a close frame (123 bytes).
+    """
+    if CLIENT_ID_PATTERN.fullmatch(client_id) is None:
+        raise ClientIdError("client id must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    return client_id
+
+
+def new_client_id() -> str:
+    """A server-assigned id; the prefix keeps it apart from ids clients tend to pick."""
+    return "anon-" + secrets.token_hex(6)
+
+
+def iso_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _encode(frame: dict[str, object]) -> str:
+    # Compact separators: frames are small and go to every client.
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+
+
+def welcome_frame(*, client_id: str, active_connections: int, ts: float) -> str:
+    return _encode(
+        {
+            "type": "welcome",
+            "client_id": client_id,
+            "active_connections": active_connections,
+            "server_time": iso_time(ts),
+            "ts": ts,
+        }
+    )
+
+
+def message_frame(*, message_id: int, sender: str, text: str, ts: float) -> str:
+    return _encode({"type": "message", "id": message_id, "from": sender, "text": text, "ts": ts})
+
+
+def periodic_frame(*, message_id: int, active_connections: int, ts: float) -> str:
+    return _encode(
+        {"type": "periodic", "id": message_id, "active_connections": active_connections, "ts": ts}
+    )
+
+
+def shutdown_frame(*, reason: str, seconds_left: float, ts: float) -> str:
+    return _encode(
+        {"type": "shutdown", "reason": reason, "seconds_left": round(seconds_left, 3), "ts": ts}
+    )

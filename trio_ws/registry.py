@@ -1,0 +1,194 @@
+"""The registry of live connections: who is connected, and a bounded outbox for each.
+
+Theory of operation:
+
+* A :class:`Connection` is the core's view of one client: its id, peer, connect time, a bounded
+  memory channel of encoded frames (its *outbox*) and a one-shot close request. The web shell runs
+  one writer task per connection that drains the outbox into the socket, and closes the socket
+  with the requested code when asked.
+* Everything that can be decided without waiting is synchronous (trio's design rule): ``add``,
+  ``remove``, ``broadcast`` and ``close_all`` never block and never touch a socket, so one stalled
+  client cannot delay a broadcast to the others. Only :meth:`Registry.wait_empty` is async.
+* A client whose outbox is full when a frame arrives is *slow*: it is removed at once (so it gets
+  no further frames and holds no more memory) and asked to close with 4008. It is never silently
+  fed less.
+* Ids are unique: adding a connection with an id already present returns the older connection,
+  which the caller closes with 4500. Removal is by identity, so the older connection's late
+  cleanup cannot remove its successor.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from trio_ws.protocol import CloseCode
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+LOGGER = logging.getLogger(__name__)
+
+
+class Connection:
+    """One connected client, as the core sees it."""
+
+    __slots__ = (
+        "_close_requested",
+        "_outbox_send",
+        "client_id",
+        "close_code",
+        "close_reason",
+        "connected_at",
+        "outbox",
+        "peer",
+    )
+
+    def __init__(self, client_id: str, *, peer: str, connected_at: float, queue_size: int) -> None:
+        self.client_id = client_id
+        self.peer = peer
+        #: Wall-clock time (seconds since the epoch) of the handshake.
+        self.connected_at = connected_at
+        self._outbox_send, self.outbox = trio.open_memory_channel[str](queue_size)
+        self._close_requested = trio.Event()
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.client_id} from {self.peer}>"
+
+    def offer(self, frame: str) -> bool:
+        """Queue ``frame`` without waiting; False if the outbox is full or closed."""
+        try:
+            self._outbox_send.send_nowait(frame)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    def request_close(self, code: int, reason: str) -> bool:
+        """Ask the shell to close this connection; the first request wins. Idempotent."""
+        if self._close_requested.is_set():
+            return False
+        self.close_code, self.close_reason = code, reason
+        self._close_requested.set()
+        return True
+
+    @property
+    def close_requested(self) -> bool:
+        return self._close_requested.is_set()
+
+    async def wait_close_requested(self) -> None:
+        await self._close_requested.wait()
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryStatistics:
+    connections: int
+    total_connected: int
+    slow_disconnects: int
+    replaced: int
+
+
+class Registry:
+    """The live connections, by client id."""
+
+    def __init__(self) -> None:
+        self._connections: dict[str, Connection] = {}
+        self._empty = trio.Event()
+        self._empty.set()
+        self._total_connected = 0
+        self._slow_disconnects = 0
+        self._replaced = 0
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def __iter__(self) -> Iterator[Connection]:
+        return iter(list(self._connections.values()))
+
+    def __contains__(self, connection: object) -> bool:
+        return (
+            isinstance(connection, Connection)
+            and self._connections.get(connection.client_id) is connection
+        )
+
+    def get(self, client_id: str) -> Connection | None:
+        return self._connections.get(client_id)
+
+    def add(self, connection: Connection) -> Connection | None:
+        """Register ``connection``; return the older connection with the same id, if any.
+
+        The older connection is no longer registered; the caller decides how to close it.
+        """
+        previous = self._connections.pop(connection.client_id, None)
+        self._connections[connection.client_id] = connection
+        self._total_connected += 1
+        if previous is not None:
+            self._replaced += 1
+        if self._empty.is_set():
+            self._empty = trio.Event()
+        return previous
+
+    def remove(self, connection: Connection) -> bool:
+        """Unregister ``connection`` if it is the one registered under its id."""
+        if self._connections.get(connection.client_id) is not connection:
+            return False
+        del self._connections[connection.client_id]
+        if not self._connections:
+            self._empty.set()
+        return True
+
+    def broadcast(self, frame: str) -> int:
+        """Queue ``frame`` for every connection; return how many took it.
+
+        A connection whose outbox is full is removed and asked to close with 4008.
+        """
+        slow: list[Connection] = []
+        delivered = 0
+        for connection in self._connections.values():
+            if connection.offer(frame):
+                delivered += 1
+            else:
+                slow.append(connection)
+        for connection in slow:
+            self.remove(connection)
+            self._slow_disconnects += 1
+            connection.request_close(CloseCode.SLOW_CONSUMER, "slow consumer: outbox overflowed")
+            LOGGER.warning(
+                "client %s (%s) disconnected: outbox of %d frames full (slow consumer), "
+                "%d connections remain",
+                connection.client_id,
+                connection.peer,
+                connection.outbox.statistics().max_buffer_size,
+                len(self._connections),
+            )
+        return delivered
+
+    def close_all(self, code: int, reason: str) -> int:
+        """Ask every connection to close; return how many were asked.
+
+        Each request is separate: a failure with one client is logged and the others still close.
+        """
+        asked = 0
+        for connection in self:
+            try:
+                if connection.request_close(code, reason):
+                    asked += 1
+            except Exception:
+                LOGGER.exception("could not close client %s; closing the others", connection)
+        return asked
+
+    async def wait_empty(self) -> None:
+        """Return as soon as no connection is registered (at once if none is)."""
+        await self._empty.wait()
+
+    def statistics(self) -> RegistryStatistics:
+        return RegistryStatistics(
+            connections=len(self._connections),
+            total_connected=self._total_connected,
+            slow_disconnects=self._slow_disconnects,
+            replaced=self._replaced,
+        )

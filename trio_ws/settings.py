@@ -1,0 +1,153 @@
+"""Settings: one frozen object, read from ``TRIO_WS_*`` environment variables and flags.
+
+Every run mode reads the same variables, so a server started by ``hypercorn`` behaves like one
+started by ``python -m trio_ws``. Parsing is pure and raises :class:`SettingsError` with a message
+that names the variable and the value it refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+ENV_PREFIX = "TRIO_WS_"
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the server cannot run with."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """The server's whole configuration; every time is in seconds, every size in bytes."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: How long a drain may last before the remaining clients are closed with 1001.
+    drain_timeout: float = 1800.0
+    #: How often the server sends its ``periodic`` frame; 0 turns it off.
+    broadcast_interval: float = 10.0
+    #: How often the drain logs its progress.
+    progress_interval: float = 10.0
+    #: Largest text frame a client may send; larger ones are closed with 1009.
+    max_message_size: int = 64 * 1024
+    #: Frames queued for one client before it counts as slow and is disconnected (4008).
+    queue_size: int = 256
+    #: WebSocket ping interval (keeps idle clients alive behind proxies); 0 turns pings off.
+    ping_interval: float = 20.0
+    #: TCP_USER_TIMEOUT for accepted sockets: a peer that acknowledges nothing for this long is
+    #: dropped, so a client that stopped reading cannot hold a send forever. 0 leaves the kernel's.
+    stall_timeout: float = 30.0
+    log_level: str = "INFO"
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "port", self.port, "a TCP port from 0 to 65535")
+        _check(self.drain_timeout >= 0, "drain_timeout", self.drain_timeout, "seconds >= 0")
+        _check(
+            self.broadcast_interval >= 0,
+            "broadcast_interval",
+            self.broadcast_interval,
+            "seconds >= 0 (0 turns it off)",
+        )
+        _check(
+            self.progress_interval > 0, "progress_interval", self.progress_interval, "seconds > 0"
+        )
+        _check(
+            self.max_message_size >= 1024,
+            "max_message_size",
+            self.max_message_size,
+            "bytes >= 1024",
+        )
+        _check(self.queue_size >= 1, "queue_size", self.queue_size, "an integer >= 1")
+        _check(self.ping_interval >= 0, "ping_interval", self.ping_interval, "seconds >= 0")
+        _check(self.stall_timeout >= 0, "stall_timeout", self.stall_timeout, "seconds >= 0")
+        _check(self.log_level in LOG_LEVELS, "log_level", self.log_level, " or ".join(LOG_LEVELS))
+        _check(
+            (self.certfile is None) == (self.keyfile is None),
+            "certfile",
+            self.certfile,
+            "set together with keyfile (TLS needs both)",
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
+        """Build settings from ``TRIO_WS_*`` variables; ``overrides`` (flags) win over them.
+
+        Errors: :class:`SettingsError` names the variable and the value it could not use.
+        """
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            name = ENV_PREFIX + field.name.upper()
+            raw = environ.get(name)
+            if raw is None or raw.strip() == "":
+                continue
+            values[field.name] = _parse(name, raw.strip(), _PARSERS[field.name])
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)
+
+    def with_changes(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """One log-friendly line with every setting that changes behaviour."""
+        return (
+            f"drain_timeout={self.drain_timeout:g}s "
+            f"broadcast_interval={self.broadcast_interval:g}s "
+            f"progress_interval={self.progress_interval:g}s "
+            f"max_message_size={self.max_message_size} queue_size={self.queue_size} "
+            f"ping_interval={self.ping_interval:g}s stall_timeout={self.stall_timeout:g}s "
+            f"log_level={self.log_level}"
+        )
+
+    @property
+    def log_level_number(self) -> int:
+        return logging.getLevelNamesMapping()[self.log_level]
+
+
+def _check(ok: bool, field: str, value: object, expected: str) -> None:
+    if not ok:
+        raise SettingsError(f"{ENV_PREFIX}{field.upper()} must be {expected}, got {value!r}")
+
+
+def _number(raw: str) -> float:
+    value = float(raw)
+    if value != value or value in (float("inf"), float("-inf")):  # NaN or infinite
+        raise ValueError(raw)
+    return value
+
+
+def _level(raw: str) -> str:
+    return raw.upper()
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "host": str,
+    "port": int,
+    "drain_timeout": _number,
+    "broadcast_interval": _number,
+    "progress_interval": _number,
+    "max_message_size": int,
+    "queue_size": int,
+    "ping_interval": _number,
+    "stall_timeout": _number,
+    "log_level": _level,
+    "certfile": str,
+    "keyfile": str,
+}
+
+
+def _parse(name: str, raw: str, parser: Callable[[str], Any]) -> Any:
+    try:
+        return parser(raw)
+    except ValueError:
+        kind = "an integer" if parser is int else "a number"
+        raise SettingsError(f"{name} must be {kind}, got {raw!r}") from None

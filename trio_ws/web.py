@@ -1,0 +1,177 @@
+"""The Quart-Trio shell: HTTP routes and the WebSocket handler, translating to the hub.
+
+Per connection: one reader task (client frames -> ``Hub.publish``), one writer task (outbox ->
+socket), and the handler itself waiting for a close request from the core. The connection is
+removed from the registry in ``finally``, however it ended (client close, TCP reset, server
+close, cancellation).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+from quart import render_template, websocket
+from quart_trio import QuartTrio
+
+from trio_ws import __version__, runmode
+from trio_ws.hub import REFUSED_REASON, Hub, HubState
+from trio_ws.logs import configure_logging
+from trio_ws.protocol import ClientIdError, CloseCode
+from trio_ws.runmode import RunMode
+from trio_ws.settings import Settings
+from trio_ws.sockets import set_stall_timeout_on_listeners
+
+if TYPE_CHECKING:
+    from trio_ws.registry import Connection
+
+LOGGER = logging.getLogger(__name__)
+
+#: How long a close handshake may take before we give up on it.
+CLOSE_TIMEOUT_S = 5.0
+
+
+def templates_dir() -> Path:
+    """The page's folder: inside the package when installed, the repository's ``templates/``
+    when running from a checkout (or an editable install)."""
+    packaged = Path(__file__).with_name("templates")
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "templates"
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    hub: Hub | None = None,
+    run_mode: RunMode | None = None,
+) -> QuartTrio:
+    """Build the app. Without arguments it reads ``TRIO_WS_*`` and detects the run mode.
+
+    Errors: :class:`trio_ws.SettingsError` for an invalid environment variable.
+    """
+    if settings is None:
+        settings = Settings.from_env(os.environ)
+    configure_logging(settings.log_level_number)
+    hub = hub if hub is not None else Hub(settings)
+    app = QuartTrio(__name__, template_folder=str(templates_dir()))
+    app.extensions["trio_ws.hub"] = hub
+
+    @app.while_serving
+    async def lifespan() -> Any:
+        mode = run_mode if run_mode is not None else runmode.detect()
+        app.extensions["trio_ws.mode"] = mode
+        runmode.log_startup(mode, settings, version=__version__)
+        if mode in (RunMode.HYPERCORN_WORKER, RunMode.HYPERCORN_INPROCESS):
+            runmode.prepare_worker(settings)
+            tuned = set_stall_timeout_on_listeners(settings.stall_timeout)
+            LOGGER.info("TCP_USER_TIMEOUT %gs set on %d listeners", settings.stall_timeout, tuned)
+        await app.nursery.start(hub.run)
+        if mode in (RunMode.HYPERCORN_WORKER, RunMode.HYPERCORN_INPROCESS):
+            app.nursery.start_soon(runmode.own_signals, hub, mode)
+        yield
+        # Lifespan shutdown: normally the drain is long over. A host that shuts down without
+        # one (an embedding test, a custom runner) still gets every client closed with 1001.
+        if hub.state is not HubState.STOPPED:
+            hub.force_close("lifespan shutdown before a drain")
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                await hub.wait_stopped()
+
+    @app.get("/")
+    async def index() -> str:
+        return await render_template("index.html", version=__version__)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        report = hub.health()
+        mode = app.extensions.get("trio_ws.mode")
+        report.update(
+            pid=os.getpid(),
+            version=__version__,
+            mode=mode.value if mode is not None else None,
+        )
+        return report
+
+    @app.get("/ready")
+    async def ready() -> tuple[dict[str, Any], int]:
+        if hub.is_ready():
+            return {"ready": True}, 200
+        return {"ready": False, "reason": "draining"}, 503
+
+    @app.websocket("/ws")
+    @app.websocket("/ws/<client_id>")
+    async def ws(client_id: str | None = None) -> None:
+        await _handle_websocket(hub, settings, client_id)
+
+    return app
+
+
+async def _handle_websocket(hub: Hub, settings: Settings, client_id: str | None) -> None:
+    # The proxy costs a context lookup per call; the handler's tasks share the real object.
+    ws = websocket._get_current_object()  # type: ignore[attr-defined]
+    client = ws.scope.get("client")
+    peer = f"{client[0]}:{client[1]}" if client else "<unknown>"
+    # Accept first: closing before the handshake would answer HTTP 403, which clients treat as
+    # fatal; a close frame carries a code they can act on.
+    await ws.accept()
+    if hub.draining:
+        hub.note_refused(peer)
+        await _close(ws, CloseCode.GOING_AWAY, REFUSED_REASON, peer)
+        return
+    try:
+        connection = hub.connect(client_id, peer)
+    except ClientIdError as error:
+        LOGGER.info("refused client id %r from %s: %s", client_id, peer, error)
+        await _close(ws, CloseCode.POLICY_VIOLATION, str(error), peer)
+        return
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_write, ws, connection)
+            nursery.start_soon(_read, ws, connection, hub, settings.max_message_size)
+            await connection.wait_close_requested()
+            nursery.cancel_scope.cancel()
+        assert connection.close_code is not None
+        await _close(ws, connection.close_code, connection.close_reason, connection.client_id)
+    finally:
+        hub.disconnect(connection)
+
+
+async def _write(ws: Any, connection: Connection) -> None:
+    async for frame in connection.outbox:
+        await ws.send(frame)
+        # After the peer has closed, send() returns without a checkpoint; without this one a
+        # backlog would spin without ever letting the close be processed (a livelock).
+        await trio.lowlevel.checkpoint()
+
+
+async def _read(ws: Any, connection: Connection, hub: Hub, max_size: int) -> None:
+    while True:
+        data = await ws.receive()
+        if not isinstance(data, str):
+            connection.request_close(
+                CloseCode.UNSUPPORTED_DATA, "binary frames are not supported; send text"
+            )
+            return
+        # len() counts characters; UTF-8 needs at most 4 bytes for each.
+        if len(data) > max_size or (
+            len(data) * 4 > max_size and len(data.encode("utf-8")) > max_size
+        ):
+            connection.request_close(
+                CloseCode.MESSAGE_TOO_BIG, f"message larger than {max_size} bytes"
+            )
+            return
+        hub.publish(connection.client_id, data)
+
+
+async def _close(ws: Any, code: int, reason: str, who: str) -> None:
+    """Send a close frame; an error here concerns this client only, so log it and move on."""
+    with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True) as scope:
+        try:
+            await ws.close(code, reason)
+        except Exception as error:
+            LOGGER.warning("error closing client %s with %d: %r", who, code, error)
+    if scope.cancelled_caught:
+        LOGGER.warning("client %s did not take its close frame within %gs", who, CLOSE_TIMEOUT_S)
