@@ -130,8 +130,9 @@ class Hub:
         if self._state is HubState.DRAINING and self._drain_started_at is not None:
             elapsed = trio.current_time() - self._drain_started_at
             LOGGER.info(
-                "drain: client %s left after %.1fs of drain, %d connections remain",
+                "drain: client %s %s after %.1fs of drain, %d connections remain",
                 connection.client_id,
+                "was closed" if connection.close_requested else "left",
                 elapsed,
                 len(self.registry),
             )
