@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,12 +25,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("client_id", nargs="?", help="client id (default: assigned by server)")
     parser.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="%(default)s")
-    parser.add_argument("--send", action="append", default=[], metavar="TEXT",
-                        help="send TEXT after the welcome (repeatable)")
-    parser.add_argument("--leave-after-warning", type=float, metavar="S",
-                        help="disconnect S seconds after the shutdown warning (default: stay)")
-    parser.add_argument("--leave-after", type=float, metavar="S",
-                        help="disconnect S seconds after connecting")
+    parser.add_argument(
+        "--send",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="send TEXT after the welcome (repeatable)",
+    )
+    parser.add_argument(
+        "--leave-after-warning",
+        type=float,
+        metavar="S",
+        help="disconnect S seconds after the shutdown warning (default: stay)",
+    )
+    parser.add_argument(
+        "--leave-after", type=float, metavar="S", help="disconnect S seconds after connecting"
+    )
     return parser
 
 
@@ -69,7 +82,10 @@ async def run(args: argparse.Namespace, out: list[str] | None = None) -> int:
                     message = await ws.get_message()
                 except ConnectionClosed as closed:
                     reason = closed.reason
-                    emit(f"closed: code {reason.code} ({reason.reason or reason.name})")
+                    if reason is None:
+                        emit("closed")
+                    else:
+                        emit(f"closed: code {reason.code} ({reason.reason or reason.name})")
                     nursery.cancel_scope.cancel()
                     return 0
                 for part in str(message).split("\n"):
