@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 #: What Hypercorn may still wait for after the drain: in-flight HTTP requests, close replies.
-SHUTDOWN_GRACE_S = 0.5
+SHUTDOWN_GRACE_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
