@@ -26,10 +26,10 @@ def registry_with(count: int) -> tuple[Registry, list[Connection]]:
 
 
 def test_progress_times_every_10s_until_the_deadline() -> None:
-    times = DrainPolicy(deadline_s=1800, progress_every_s=10).progress_times(started_at=100.0)
+    times = list(DrainPolicy(deadline_s=1800, progress_every_s=10).progress_times(started_at=100))
     assert (times[0], times[-1], len(times)) == (110.0, 1890.0, 179)
-    assert DrainPolicy(deadline_s=25, progress_every_s=10).progress_times(0.0) == [10.0, 20.0]
-    assert DrainPolicy(deadline_s=0, progress_every_s=10).progress_times(0.0) == []
+    assert list(DrainPolicy(deadline_s=25, progress_every_s=10).progress_times(0.0)) == [10, 20]
+    assert list(DrainPolicy(deadline_s=0, progress_every_s=10).progress_times(0.0)) == []
 
 
 def test_time_left_never_negative() -> None:

@@ -145,3 +145,19 @@ async def test_concurrent_connect_disconnect_storm(autojump_clock: trio.testing.
     await registry.wait_empty()
     assert registry.statistics().total_connected == 500
     assert all(count >= 1 for count in received.values())  # everyone saw at least its own
+
+
+async def test_a_backlog_goes_out_as_one_batch_within_the_limit() -> None:
+    conn = Connection("a", peer="p", connected_at=0, queue_size=10, batch_limit=11)
+    for frame in ["aaa", "bbb", "ccc", "dddddddddddddddd", "e"]:
+        assert conn.offer(frame)
+    assert await conn.receive_batch() == "aaa\nbbb\nccc"  # 11 bytes: exactly the limit
+    assert await conn.receive_batch() == "dddddddddddddddd"  # larger than the limit: alone
+    assert await conn.receive_batch() == "e"
+
+
+async def test_batching_off_sends_frames_one_by_one() -> None:
+    conn = Connection("a", peer="p", connected_at=0, queue_size=10, batch_limit=0)
+    for frame in ["a", "b"]:
+        conn.offer(frame)
+    assert [await conn.receive_batch(), await conn.receive_batch()] == ["a", "b"]

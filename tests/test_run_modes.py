@@ -202,7 +202,7 @@ async def test_hypercorn_two_workers_warn_and_both_drain() -> None:
 
 
 async def test_hypercorn_invalid_configuration_is_a_clear_error() -> None:
-    message = "trio_ws: invalid configuration: TRIO_WS_PROGRESS_INTERVAL must be seconds > 0"
+    message = "trio_ws: invalid configuration: TRIO_WS_PROGRESS_INTERVAL must be seconds >= 0.1"
     env = {"TRIO_WS_PROGRESS_INTERVAL": "-1"}
     async with running(hypercorn("--workers", "0"), env, ready=False) as server:
         assert await server.wait_exit(timeout=20) == 1

@@ -9,7 +9,12 @@ import logging
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    connect_websocket_url,
+    open_websocket_url,
+)
 
 from tests.conftest import StartServer
 from tests.wsutil import (
@@ -66,7 +71,9 @@ async def test_periodic_message(start_server: StartServer) -> None:
         assert (await next_frame(ws))["id"] == periodic["id"] + 1
 
 
-@pytest.mark.parametrize("path", ["/" + "x" * 65, "/a%20b", "/%C3%A9t%C3%A9", "/a;b"])
+@pytest.mark.parametrize(
+    "path", ["/" + "x" * 65, "/a%20b", "/%C3%A9t%C3%A9", "/a;b", "/", "/a/b", "/%2F", "/a/"]
+)
 async def test_bad_client_id_is_closed_with_1008(server: RunningServer, path: str) -> None:
     async with open_websocket_url(server.ws_url + path) as ws:
         code, reason = await close_code(ws)
@@ -363,3 +370,62 @@ async def test_a_client_that_never_reads_cannot_hold_the_server(
     with trio.fail_after(10):
         await server.finished.wait()
     stuck.close()
+
+
+async def test_a_burst_from_one_client_cuts_nobody(server: RunningServer) -> None:
+    """A client firing messages without waiting must not make healthy readers "slow": their
+    writers catch up by sending the backlog in batches."""
+    count = 2000
+    async with trio.open_nursery() as nursery:
+        readers = [
+            await connect_websocket_url(nursery, server.ws_url + f"/reader{i}") for i in range(5)
+        ]
+        for reader in readers:
+            await next_frame(reader)
+        async with open_websocket_url(server.ws_url + "/burst") as burst:
+            await next_frame(burst)
+
+            async def read_all(ws: WebSocketConnection) -> None:
+                got: list[str] = []
+                while len(got) < count:
+                    frame = await next_frame(ws, timeout=20)
+                    if frame["type"] == "message" and frame["from"] == "burst":
+                        got.append(frame["text"])
+                assert got == [str(i) for i in range(count)]
+
+            async with trio.open_nursery() as readers_nursery:
+                for reader in [*readers, burst]:
+                    readers_nursery.start_soon(read_all, reader)
+                for i in range(count):
+                    await burst.send_message(str(i))
+        assert server.hub.registry.statistics().slow_disconnects == 0
+        for reader in readers:
+            await reader.aclose()
+
+
+async def test_batch_0_gets_one_object_per_frame(server: RunningServer) -> None:
+    async with open_websocket_url(server.ws_url + "/single?batch=0") as single:
+        await single.get_message()
+        for i in range(50):
+            await single.send_message(str(i))
+        for i in range(50):
+            frame = json.loads(await single.get_message())
+            assert frame["text"] == str(i)
+
+
+async def test_oversized_frame_from_a_client_that_never_answers_the_close(
+    start_server: StartServer,
+) -> None:
+    """The entry goes as soon as the server closes, even if the client never replies."""
+    server = await start_server(max_message_size=2048)
+    host, port = host_port(server)
+    sock = await raw_handshake(host, port, "/ws/mute")
+    await wait_until(lambda: server.hub.registry.get("mute") is not None)
+    payload = b"x" * 3000  # over 2048, under Hypercorn's own (larger) limit
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    await sock.send(b"\x81\xfe" + len(payload).to_bytes(2, "big") + mask + masked)
+    frames = await read_server_frames(sock)
+    assert int.from_bytes(frames[-1][1][:2], "big") == 1009
+    await wait_until(lambda: server.hub.registry.get("mute") is None, timeout=2)
+    sock.close()

@@ -63,7 +63,7 @@ def test_blank_variable_means_default() -> None:
         ("TRIO_WS_DRAIN_TIMEOUT", "nan", "TRIO_WS_DRAIN_TIMEOUT must be a number"),
         ("TRIO_WS_PORT", "80.5", "TRIO_WS_PORT must be an integer, got '80.5'"),
         ("TRIO_WS_PORT", "70000", "TRIO_WS_PORT must be a TCP port"),
-        ("TRIO_WS_PROGRESS_INTERVAL", "0", "TRIO_WS_PROGRESS_INTERVAL must be seconds > 0"),
+        ("TRIO_WS_PROGRESS_INTERVAL", "0", "TRIO_WS_PROGRESS_INTERVAL must be seconds >= 0.1"),
         ("TRIO_WS_MAX_MESSAGE_SIZE", "10", "TRIO_WS_MAX_MESSAGE_SIZE must be bytes >= 1024"),
         ("TRIO_WS_QUEUE_SIZE", "0", "TRIO_WS_QUEUE_SIZE must be an integer >= 1"),
         ("TRIO_WS_LOG_LEVEL", "loud", "TRIO_WS_LOG_LEVEL must be DEBUG or INFO"),

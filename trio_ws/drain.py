@@ -26,6 +26,8 @@ import trio
 from trio_ws.protocol import CloseCode
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from trio_ws.registry import Registry
 
 LOGGER = logging.getLogger(__name__)
@@ -40,10 +42,10 @@ class DrainPolicy:
     progress_every_s: float = 10.0
     close_grace_s: float = CLOSE_GRACE_S
 
-    def progress_times(self, started_at: float) -> list[float]:
-        """Every time a progress line is due, strictly before the deadline."""
+    def progress_times(self, started_at: float) -> Iterator[float]:
+        """Every time a progress line is due, strictly before the deadline (lazily)."""
         count = math.ceil(self.deadline_s / self.progress_every_s) - 1
-        return [started_at + self.progress_every_s * k for k in range(1, count + 1)]
+        return (started_at + self.progress_every_s * k for k in range(1, count + 1))
 
     def time_left(self, started_at: float, now: float) -> float:
         return max(0.0, started_at + self.deadline_s - now)

@@ -81,8 +81,11 @@ class Hub:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def connect(self, client_id: str | None, peer: str) -> Connection:
+    def connect(self, client_id: str | None, peer: str, *, batch: bool = True) -> Connection:
         """Register a new client and queue its welcome frame.
+
+        With ``batch`` (the default) frames that queue up for this client are sent together,
+        newline-separated, in frames of at most ``max_message_size`` bytes.
 
         An older connection with the same id is asked to close with 4500: the newest wins, so a
         reconnecting client is never locked out by its own stale connection.
@@ -98,7 +101,11 @@ class Hub:
             protocol.validate_client_id(client_id)
         now = self._wall_clock()
         connection = Connection(
-            client_id, peer=peer, connected_at=now, queue_size=self.settings.queue_size
+            client_id,
+            peer=peer,
+            connected_at=now,
+            queue_size=self.settings.queue_size,
+            batch_limit=self.settings.max_message_size if batch else 0,
         )
         previous = self.registry.add(connection)
         connection.offer(

@@ -61,8 +61,10 @@ def iso_time(ts: float) -> str:
 
 
 def _encode(frame: dict[str, object]) -> str:
-    # Compact separators: frames are small and go to every client.
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+    # Compact separators: frames go to every client. ASCII only (non-ASCII text as \u escapes):
+    # a frame's length in characters is then its length in bytes, so batches of frames can be
+    # kept under the frame size limit without encoding them.
+    return json.dumps(frame, separators=(",", ":"))
 
 
 def welcome_frame(*, client_id: str, active_connections: int, ts: float) -> str:

@@ -37,8 +37,10 @@ class Connection:
     """One connected client, as the core sees it."""
 
     __slots__ = (
+        "_carry",
         "_close_requested",
         "_outbox_send",
+        "batch_limit",
         "client_id",
         "close_code",
         "close_reason",
@@ -47,7 +49,15 @@ class Connection:
         "peer",
     )
 
-    def __init__(self, client_id: str, *, peer: str, connected_at: float, queue_size: int) -> None:
+    def __init__(
+        self,
+        client_id: str,
+        *,
+        peer: str,
+        connected_at: float,
+        queue_size: int,
+        batch_limit: int = 0,
+    ) -> None:
         self.client_id = client_id
         self.peer = peer
         #: Wall-clock time (seconds since the epoch) of the handshake.
@@ -56,6 +66,9 @@ class Connection:
         self._close_requested = trio.Event()
         self.close_code: int | None = None
         self.close_reason = ""
+        #: Largest batch in bytes (frames are ASCII); 0 sends every frame on its own.
+        self.batch_limit = batch_limit
+        self._carry: str | None = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id} from {self.peer}>"
@@ -67,6 +80,34 @@ class Connection:
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             return False
         return True
+
+    async def receive_batch(self) -> str:
+        """Wait for the next frame; join it with the frames already queued behind it.
+
+        Frames are joined with newlines while the batch stays within ``batch_limit`` bytes (a
+        frame larger than that goes alone). A writer that has fallen behind thus catches up in
+        one send instead of one send per frame: only a client whose socket does not take data
+        can overflow its outbox.
+        """
+        first = self._carry
+        self._carry = None
+        if first is None:
+            first = await self.outbox.receive()
+        if self.batch_limit <= 0:
+            return first
+        parts = [first]
+        size = len(first)
+        while True:
+            try:
+                frame = self.outbox.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if size + 1 + len(frame) > self.batch_limit:
+                self._carry = frame
+                break
+            parts.append(frame)
+            size += 1 + len(frame)
+        return parts[0] if len(parts) == 1 else "\n".join(parts)
 
     def request_close(self, code: int, reason: str) -> bool:
         """Ask the shell to close this connection; the first request wins. Idempotent."""

@@ -101,9 +101,9 @@ def prepare_worker(settings: Settings) -> None:
             needed,
         )
         config.graceful_timeout = needed
-    # Hypercorn reads the limit for each new connection; enforcing it there means an oversized
-    # frame is refused before it is buffered (the app checks too, in every mode).
-    config.websocket_max_message_size = settings.max_message_size
+    # Hypercorn reads the limit for each new connection: this bounds what it buffers (16 MiB by
+    # default); the app closes anything over max_message_size itself, in every mode.
+    config.websocket_max_message_size = settings.transport_max_message_size
 
 
 def log_startup(mode: RunMode, settings: Settings, *, version: str) -> None:

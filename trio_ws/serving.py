@@ -56,7 +56,7 @@ def hypercorn_config(settings: Settings) -> Config:
     # after its next ping interval (hypercorn/protocol/ws_stream.py ``_send_pings``): waiting for
     # it would delay the exit by up to ``ping_interval`` for nothing.
     config.graceful_timeout = SHUTDOWN_GRACE_S
-    config.websocket_max_message_size = settings.max_message_size
+    config.websocket_max_message_size = settings.transport_max_message_size
     config.websocket_ping_interval = settings.ping_interval or None
     config.certfile = settings.certfile
     config.keyfile = settings.keyfile

@@ -59,7 +59,10 @@ class Settings:
             "seconds >= 0 (0 turns it off)",
         )
         _check(
-            self.progress_interval > 0, "progress_interval", self.progress_interval, "seconds > 0"
+            self.progress_interval >= 0.1,
+            "progress_interval",
+            self.progress_interval,
+            "seconds >= 0.1",
         )
         _check(
             self.max_message_size >= 1024,
@@ -93,6 +96,13 @@ class Settings:
             values[field.name] = _parse(name, raw.strip(), _PARSERS[field.name])
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
+
+    @property
+    def transport_max_message_size(self) -> int:
+        """The limit given to Hypercorn: above ours, so that the app sees an oversized message
+        and closes the connection itself (Hypercorn's own 1009 leaves the connection open until
+        the client answers it), yet bounded, so a huge frame is never buffered whole."""
+        return 4 * self.max_message_size + 1024
 
     def with_changes(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

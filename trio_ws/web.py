@@ -59,6 +59,10 @@ def create_app(
     hub = hub if hub is not None else Hub(settings)
     app = QuartTrio(__name__, template_folder=str(templates_dir()))
     app.extensions["trio_ws.hub"] = hub
+    # No redirects: a WebSocket client cannot follow them, and every malformed client id
+    # ("/ws//", "/ws/a/") must reach the handler to be refused with 1008 and a reason.
+    app.url_map.merge_slashes = False
+    app.url_map.strict_slashes = False
 
     @app.while_serving
     async def lifespan() -> Any:
@@ -101,8 +105,11 @@ def create_app(
             return {"ready": True}, 200
         return {"ready": False, "reason": "draining"}, 503
 
+    # <path:...> and "/ws/" so that every malformed id ("", "a/b", "%2F") reaches the handler
+    # and gets 1008 with a reason rather than an HTTP 404 at the handshake.
     @app.websocket("/ws")
-    @app.websocket("/ws/<client_id>")
+    @app.websocket("/ws/", defaults={"client_id": ""})
+    @app.websocket("/ws/<path:client_id>")
     async def ws(client_id: str | None = None) -> None:
         await _handle_websocket(hub, settings, client_id)
 
@@ -122,7 +129,8 @@ async def _handle_websocket(hub: Hub, settings: Settings, client_id: str | None)
         await _close(ws, CloseCode.GOING_AWAY, REFUSED_REASON, peer)
         return
     try:
-        connection = hub.connect(client_id, peer)
+        batch = ws.args.get("batch", "1").lower() not in ("0", "false", "no", "off")
+        connection = hub.connect(client_id, peer, batch=batch)
     except ClientIdError as error:
         LOGGER.info("refused client id %r from %s: %s", client_id, peer, error)
         await _close(ws, CloseCode.POLICY_VIOLATION, str(error), peer)
@@ -140,8 +148,8 @@ async def _handle_websocket(hub: Hub, settings: Settings, client_id: str | None)
 
 
 async def _write(ws: Any, connection: Connection) -> None:
-    async for frame in connection.outbox:
-        await ws.send(frame)
+    while True:
+        await ws.send(await connection.receive_batch())
         # After the peer has closed, send() returns without a checkpoint; without this one a
         # backlog would spin without ever letting the close be processed (a livelock).
         await trio.lowlevel.checkpoint()
