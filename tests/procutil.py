@@ -111,11 +111,22 @@ class ServerProcess:
         return returncode
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @asynccontextmanager
 async def running(
-    argv: Sequence[str], env: Mapping[str, str] | None = None, *, ready: bool = True
+    argv: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    ready: bool = True,
+    sigint_ignored: bool = False,
 ) -> AsyncIterator[ServerProcess]:
-    """Start ``argv`` in its own process group; kill it (by PID) if the test left it running."""
+    """Start ``argv`` in its own process group; kill it (by PID) if the test left it running.
+
+    ``sigint_ignored`` starts it the way a shell starts a background job: SIGINT ignored.
+    """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     async with trio.open_nursery() as nursery:
         process = await trio.lowlevel.open_process(
@@ -124,6 +135,7 @@ async def running(
             stderr=subprocess.STDOUT,
             env=full_env,
             start_new_session=True,
+            preexec_fn=_ignore_sigint if sigint_ignored else None,
         )
         server = ServerProcess(process)
         nursery.start_soon(server._pump)

@@ -358,18 +358,20 @@ async def test_a_client_that_never_reads_cannot_hold_the_server(
     server = await start_server(queue_size=4, stall_timeout=1)
     host, port = host_port(server)
     stuck = await raw_handshake(host, port, "/ws/stuck", rcvbuf=4096)
-    async with open_websocket_url(server.ws_url + "/publisher") as publisher:
-        await next_frame(publisher)
-        for i in range(40):
-            await publisher.send_message(f"{i}" + "x" * 16384)
+    try:
+        async with open_websocket_url(server.ws_url + "/publisher") as publisher:
             await next_frame(publisher)
-        await wait_until(lambda: server.hub.registry.get("stuck") is None)
-    server.hub.request_drain("test")
-    # Without the stall timeout the stuck send would hold the exit for the kernel's full
-    # retransmission time (15 minutes and more).
-    with trio.fail_after(10):
-        await server.finished.wait()
-    stuck.close()
+            for i in range(40):
+                await publisher.send_message(f"{i}" + "x" * 16384)
+                await next_frame(publisher)
+            await wait_until(lambda: server.hub.registry.get("stuck") is None)
+        server.hub.request_drain("test")
+        # Without the stall timeout the stuck send would hold the exit for the kernel's full
+        # retransmission time (15 minutes and more).
+        with trio.fail_after(10):
+            await server.finished.wait()
+    finally:
+        stuck.close()  # on failure, frees the stuck send so the test fails instead of hanging
 
 
 async def test_a_burst_from_one_client_cuts_nobody(server: RunningServer) -> None:
@@ -429,3 +431,15 @@ async def test_oversized_frame_from_a_client_that_never_answers_the_close(
     assert int.from_bytes(frames[-1][1][:2], "big") == 1009
     await wait_until(lambda: server.hub.registry.get("mute") is None, timeout=2)
     sock.close()
+
+
+async def test_an_error_closing_one_client_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """``web._close`` is where a close can fail for real (the socket is already gone)."""
+    from trio_ws.web import _close
+
+    class GoneSocket:
+        async def close(self, code: int, reason: str) -> None:
+            raise RuntimeError("Cannot close websocket: already closed")
+
+    await _close(GoneSocket(), 1001, "drain deadline reached", "alice")
+    assert "error closing client alice with 1001: RuntimeError(" in caplog.text

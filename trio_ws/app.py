@@ -6,6 +6,7 @@ Settings come from the ``TRIO_WS_*`` environment variables; ``create_app`` build
 
 from __future__ import annotations
 
+from trio_ws import runmode
 from trio_ws.settings import SettingsError
 from trio_ws.web import create_app
 
@@ -16,3 +17,4 @@ try:
 except SettingsError as error:
     # A clear one-line error and a non-zero exit, instead of a traceback from Hypercorn's loader.
     raise SystemExit(f"trio_ws: invalid configuration: {error}") from None
+runmode.prepare_process()

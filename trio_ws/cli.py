@@ -6,6 +6,7 @@ Flags override the ``TRIO_WS_*`` environment variables, which override the defau
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,8 @@ import trio
 from trio_ws import __version__, serving
 from trio_ws.logs import configure_logging
 from trio_ws.settings import LOG_LEVELS, Settings, SettingsError
+
+LOGGER = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -50,6 +53,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env(os.environ, **vars(args))
     except SettingsError as error:
         parser.exit(2, f"trio-ws: error: {error}\n")
+    for path in (settings.certfile, settings.keyfile):
+        if path is not None and not os.path.isfile(path):
+            parser.exit(2, f"trio-ws: error: no such file: {path}\n")
     configure_logging(settings.log_level_number)
-    trio.run(serving.serve, settings)
+    try:
+        trio.run(serving.serve, settings)
+    except* OSError as group:
+        # Cannot bind, cannot resolve the host, bad certificate: one line, not a traceback.
+        LOGGER.debug("startup failed", exc_info=group)
+        first = group.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        parser.exit(
+            1, f"trio-ws: error: cannot serve on {settings.host}:{settings.port}: {first}\n"
+        )
     return 0

@@ -27,11 +27,13 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from trio_ws.drain import CLOSE_GRACE_S
+from trio_ws.hub import HubState
 
 if TYPE_CHECKING:
     from trio_ws.hub import Hub
@@ -106,6 +108,48 @@ def prepare_worker(settings: Settings) -> None:
     config.websocket_max_message_size = settings.transport_max_message_size
 
 
+def prepare_process() -> None:
+    """At import of ``trio_ws.app``, before Hypercorn calls ``trio.run``.
+
+    With ``--workers 0`` the drain hands shutdown back to Hypercorn with a SIGINT, which trio
+    turns into KeyboardInterrupt only if SIGINT had Python's default handler when ``trio.run``
+    started. A process started in the background by a shell inherits SIGINT *ignored*; restore
+    the default so the hand-over works (trio_ws owns SIGINT anyway while it serves).
+    """
+    if detect() is not RunMode.HYPERCORN_INPROCESS:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        LOGGER.info("SIGINT was inherited as ignored: restored, for the hand-over after a drain")
+
+
+def on_signal(hub: Hub, signum: int) -> None:
+    """Signals in every mode: drain, then force, then (SIGINT once more) exit at once."""
+    if signum == signal.SIGINT and hub.state is HubState.STOPPED:
+        LOGGER.warning("SIGINT after the drain: exiting now, without waiting for sockets")
+        os._exit(130)
+    hub.handle_signal(signum)
+
+
+def exit_watchdog_s(settings: Settings) -> float:
+    """How long the process may take to exit once the drain is over.
+
+    Normally it takes well under a second. What can hold it is a send to a client that stopped
+    reading (Hypercorn's socket send cannot be cancelled), which TCP_USER_TIMEOUT ends.
+    """
+    return (settings.stall_timeout or 60.0) + 10.0
+
+
+async def exit_watchdog(hub: Hub, seconds: float) -> None:
+    """Run beside the server; cancelled when it exits normally. A last resort."""
+    await hub.wait_stopped()
+    await trio.sleep(seconds)
+    LOGGER.warning("still running %gs after the drain ended: exiting now", seconds)
+    os._exit(0)
+
+
 def log_startup(mode: RunMode, settings: Settings, *, version: str) -> None:
     workers = worker_count()
     LOGGER.info(
@@ -120,8 +164,9 @@ def log_startup(mode: RunMode, settings: Settings, *, version: str) -> None:
         LOGGER.warning(
             "mode hypercorn-worker: during a drain Hypercorn's parent closes this worker's "
             "listener, so new connections (and /health, /ready) go unanswered instead of "
-            "getting 1001 or 503; run `python -m trio_ws` or `hypercorn --workers 0` to "
-            "answer them"
+            "getting 1001 or 503, and a second SIGINT sent to the parent alone cannot force the "
+            "close (signal the process group); run `python -m trio_ws` or "
+            "`hypercorn --workers 0` to avoid both"
         )
     if workers > 1:
         LOGGER.warning(
@@ -148,7 +193,7 @@ async def own_signals(hub: Hub, mode: RunMode) -> None:
 
             async def forward_signals() -> None:
                 async for signum in signals:
-                    hub.handle_signal(signum)
+                    on_signal(hub, signum)
 
             nursery.start_soon(forward_signals)
             if kwargs is not None:

@@ -17,7 +17,13 @@ import trio
 from hypercorn.config import Config
 
 from trio_ws.hub import Hub
-from trio_ws.runmode import SHUTDOWN_SIGNALS, RunMode
+from trio_ws.runmode import (
+    SHUTDOWN_SIGNALS,
+    RunMode,
+    exit_watchdog,
+    exit_watchdog_s,
+    on_signal,
+)
 from trio_ws.sockets import set_stall_timeout_on_listeners
 from trio_ws.web import create_app
 
@@ -82,6 +88,7 @@ async def serve(
     async with trio.open_nursery() as nursery:
         if handle_signals:
             await nursery.start(_forward_signals, hub)
+            nursery.start_soon(exit_watchdog, hub, exit_watchdog_s(settings))
 
         async def serve_then_stop(*, task_status: trio.TaskStatus[list[str]]) -> None:
             try:
@@ -110,4 +117,4 @@ async def _forward_signals(hub: Hub, *, task_status: trio.TaskStatus[None]) -> N
     with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
         task_status.started()
         async for signum in signals:
-            hub.handle_signal(signum)
+            on_signal(hub, signum)

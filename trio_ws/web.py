@@ -76,6 +76,7 @@ def create_app(
         await app.nursery.start(hub.run)
         if mode in (RunMode.HYPERCORN_WORKER, RunMode.HYPERCORN_INPROCESS):
             app.nursery.start_soon(runmode.own_signals, hub, mode)
+            app.nursery.start_soon(runmode.exit_watchdog, hub, runmode.exit_watchdog_s(settings))
         yield
         # Lifespan shutdown: normally the drain is long over. A host that shuts down without
         # one (an embedding test, a custom runner) still gets every client closed with 1001.
