@@ -21,7 +21,7 @@ def frames(conn: Connection) -> list[dict[str, Any]]:
     out = []
     while True:
         try:
-            out.append(json.loads(conn.outbox.receive_nowait()))
+            out.append(json.loads(conn.outbox.receive_nowait().text))
         except trio.WouldBlock:
             return out
 

@@ -64,11 +64,24 @@ def test_frames() -> None:
     }
 
 
-def test_a_frame_holds_no_raw_newline() -> None:
-    # Clients may split a frame on newlines (several JSON objects per frame): text must not
-    # break it.
-    frame = protocol.message_frame(message_id=1, sender="a", text="one\ntwo\r\n", ts=0.0)
-    assert "\n" not in frame
+def test_frames_are_ascii_so_characters_are_bytes() -> None:
+    frame = protocol.message_frame(message_id=1, sender="a", text="one\ntwo ünï 🎉", ts=0.0)
+    assert frame.isascii()
+    assert json.loads(frame)["text"] == "one\ntwo ünï 🎉"
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
+def test_wire_frames_follow_rfc_6455(size: int) -> None:
+    frame = protocol.Frame("x" * size)
+    wire = frame.wire
+    assert wire is frame.wire  # built once, shared by every client
+    assert wire[0] == 0x81  # FIN + text
+    if size < 126:
+        assert (wire[1], wire[2:]) == (size, b"x" * size)
+    elif size < 65536:
+        assert (wire[1], int.from_bytes(wire[2:4], "big"), len(wire)) == (126, size, 4 + size)
+    else:
+        assert (wire[1], int.from_bytes(wire[2:10], "big"), len(wire)) == (127, size, 10 + size)
 
 
 def test_close_codes_are_documented_values() -> None:

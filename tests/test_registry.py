@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_ws.protocol import CloseCode
+from trio_ws.protocol import CloseCode, Frame
 from trio_ws.registry import Connection, Registry
 
 
@@ -18,7 +18,7 @@ def drain_outbox(conn: Connection) -> list[str]:
     frames = []
     while True:
         try:
-            frames.append(conn.outbox.receive_nowait())
+            frames.append(conn.outbox.receive_nowait().text)
         except trio.WouldBlock:
             return frames
 
@@ -52,7 +52,7 @@ def test_broadcast_queues_one_shared_frame_for_everyone() -> None:
     conns = [connection(str(i)) for i in range(3)]
     for conn in conns:
         registry.add(conn)
-    assert registry.broadcast("hello") == 3
+    assert registry.broadcast(Frame("hello")) == 3
     outboxes = [drain_outbox(conn) for conn in conns]
     assert outboxes == [["hello"]] * 3
 
@@ -62,7 +62,7 @@ def test_slow_client_is_removed_and_asked_to_close(caplog: pytest.LogCaptureFixt
     slow, healthy = connection("slow", queue_size=2), connection("healthy", queue_size=100)
     registry.add(slow)
     registry.add(healthy)
-    delivered = [registry.broadcast(f"m{i}") for i in range(5)]
+    delivered = [registry.broadcast(Frame(f"m{i}")) for i in range(5)]
     assert delivered == [2, 2, 1, 1, 1]
     assert slow not in registry
     assert (slow.close_code, slow.close_requested) == (CloseCode.SLOW_CONSUMER, True)
@@ -133,7 +133,7 @@ async def test_concurrent_connect_disconnect_storm(autojump_clock: trio.testing.
         previous = registry.add(conn)
         if previous is not None:
             previous.request_close(CloseCode.REPLACED, "replaced")
-        registry.broadcast(f"from {i}")
+        registry.broadcast(Frame(f"from {i}"))
         await trio.sleep((i * 104729) % 17 / 10)
         registry.remove(conn)
         received[conn.client_id] = len(drain_outbox(conn))
@@ -147,17 +147,19 @@ async def test_concurrent_connect_disconnect_storm(autojump_clock: trio.testing.
     assert all(count >= 1 for count in received.values())  # everyone saw at least its own
 
 
-async def test_a_backlog_goes_out_as_one_batch_within_the_limit() -> None:
-    conn = Connection("a", peer="p", connected_at=0, queue_size=10, batch_limit=11)
-    for frame in ["aaa", "bbb", "ccc", "dddddddddddddddd", "e"]:
+async def test_a_backlog_comes_out_as_one_batch_within_the_limit() -> None:
+    conn = Connection("a", peer="p", connected_at=0, queue_size=10, batch_limit=9)
+    frames = [Frame(text) for text in ["aaa", "bbb", "ccc", "dddddddddddd", "e"]]
+    for frame in frames:
         assert conn.offer(frame)
-    assert await conn.receive_batch() == "aaa\nbbb\nccc"  # 11 bytes: exactly the limit
-    assert await conn.receive_batch() == "dddddddddddddddd"  # larger than the limit: alone
-    assert await conn.receive_batch() == "e"
+    assert await conn.receive_batch() == frames[:3]  # 9 bytes: exactly the limit
+    assert await conn.receive_batch() == [frames[3]]  # larger than the limit: alone
+    assert await conn.receive_batch() == [frames[4]]
 
 
-async def test_batching_off_sends_frames_one_by_one() -> None:
+async def test_batch_limit_0_gives_frames_one_by_one() -> None:
     conn = Connection("a", peer="p", connected_at=0, queue_size=10, batch_limit=0)
-    for frame in ["a", "b"]:
+    frames = [Frame("a"), Frame("b")]
+    for frame in frames:
         conn.offer(frame)
-    assert [await conn.receive_batch(), await conn.receive_batch()] == ["a", "b"]
+    assert [await conn.receive_batch(), await conn.receive_batch()] == [[frames[0]], [frames[1]]]

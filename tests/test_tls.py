@@ -52,6 +52,7 @@ async def test_wss_and_https(start_server: StartServer, certificate: tuple[str, 
     context = ssl.create_default_context(cafile=cert)
     async with open_websocket_url(server.ws_url + "/secure", ssl_context=context) as ws:
         assert (await next_frame(ws))["client_id"] == "secure"
+        assert server.hub.registry.get("secure").writer == "direct"  # type: ignore[union-attr]
         await ws.send_message("over TLS")
         assert (await next_frame(ws))["text"] == "over TLS"
     host, port = server.binds[0].split("://")[1].rsplit(":", 1)

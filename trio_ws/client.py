@@ -88,14 +88,13 @@ async def run(args: argparse.Namespace, out: list[str] | None = None) -> int:
                         emit(f"closed: code {reason.code} ({reason.reason or reason.name})")
                     nursery.cancel_scope.cancel()
                     return 0
-                for part in str(message).split("\n"):
-                    frame = json.loads(part)
-                    emit(describe(frame))
-                    if frame.get("type") == "welcome":
-                        for text in args.send:
-                            await ws.send_message(text)
-                    if frame.get("type") == "shutdown" and args.leave_after_warning is not None:
-                        nursery.start_soon(leave_in, args.leave_after_warning)
+                frame = json.loads(message)
+                emit(describe(frame))
+                if frame.get("type") == "welcome":
+                    for text in args.send:
+                        await ws.send_message(text)
+                if frame.get("type") == "shutdown" and args.leave_after_warning is not None:
+                    nursery.start_soon(leave_in, args.leave_after_warning)
     except (OSError, HandshakeError) as error:
         emit(f"cannot connect to {url}: {error}")
         return 1

@@ -22,7 +22,7 @@ import trio
 
 from trio_ws import protocol
 from trio_ws.drain import DrainOutcome, DrainPolicy, drain
-from trio_ws.protocol import CloseCode
+from trio_ws.protocol import CloseCode, Frame
 from trio_ws.registry import Connection, Registry
 
 if TYPE_CHECKING:
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 REFUSED_REASON = "server is shutting down; reconnect to another instance"
+
+#: Most bytes one socket write may carry when a client's writer catches up on a backlog.
+BATCH_LIMIT_BYTES = 256 * 1024
 
 
 class HubState(enum.Enum):
@@ -81,11 +84,8 @@ class Hub:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def connect(self, client_id: str | None, peer: str, *, batch: bool = True) -> Connection:
+    def connect(self, client_id: str | None, peer: str) -> Connection:
         """Register a new client and queue its welcome frame.
-
-        With ``batch`` (the default) frames that queue up for this client are sent together,
-        newline-separated, in frames of at most ``max_message_size`` bytes.
 
         An older connection with the same id is asked to close with 4500: the newest wins, so a
         reconnecting client is never locked out by its own stale connection.
@@ -105,12 +105,14 @@ class Hub:
             peer=peer,
             connected_at=now,
             queue_size=self.settings.queue_size,
-            batch_limit=self.settings.max_message_size if batch else 0,
+            batch_limit=BATCH_LIMIT_BYTES,
         )
         previous = self.registry.add(connection)
         connection.offer(
-            protocol.welcome_frame(
-                client_id=client_id, active_connections=len(self.registry), ts=now
+            Frame(
+                protocol.welcome_frame(
+                    client_id=client_id, active_connections=len(self.registry), ts=now
+                )
             )
         )
         if previous is not None:
@@ -163,7 +165,7 @@ class Hub:
             message_id=next(self._message_ids), sender=sender, text=text, ts=self._wall_clock()
         )
         self._messages_broadcast += 1
-        return self.registry.broadcast(frame)
+        return self.registry.broadcast(Frame(frame))
 
     def broadcast_periodic(self) -> int:
         frame = protocol.periodic_frame(
@@ -172,7 +174,7 @@ class Hub:
             ts=self._wall_clock(),
         )
         self._messages_broadcast += 1
-        return self.registry.broadcast(frame)
+        return self.registry.broadcast(Frame(frame))
 
     # -- drain control -------------------------------------------------------------------------
 
@@ -246,10 +248,12 @@ class Hub:
             protocol.iso_time(deadline_wall),
         )
         warned = self.registry.broadcast(
-            protocol.shutdown_frame(
-                reason=f"server is shutting down ({self._drain_reason}); please reconnect",
-                seconds_left=self.policy.deadline_s,
-                ts=self._drain_started_wall,
+            Frame(
+                protocol.shutdown_frame(
+                    reason=f"server is shutting down ({self._drain_reason}); please reconnect",
+                    seconds_left=self.policy.deadline_s,
+                    ts=self._drain_started_wall,
+                )
             )
         )
         LOGGER.info("drain: warned %d clients", warned)

@@ -56,14 +56,47 @@ def new_client_id() -> str:
     return "anon-" + secrets.token_hex(6)
 
 
+class Frame:
+    """One server frame, shared by every client it is queued for.
+
+    ``text`` is the JSON; ``wire`` is the complete WebSocket frame (server frames are not
+    masked, so the bytes are the same for every client) built on first use, once per broadcast
+    rather than once per client.
+    """
+
+    __slots__ = ("_wire", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._wire: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"Frame({self.text!r})"
+
+    @property
+    def wire(self) -> bytes:
+        if self._wire is None:
+            self._wire = ws_text_frame(self.text.encode())
+        return self._wire
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """An unmasked, final WebSocket text frame (RFC 6455 section 5.2) carrying ``payload``."""
+    length = len(payload)
+    if length < 126:
+        return bytes((0x81, length)) + payload
+    if length < 1 << 16:
+        return bytes((0x81, 126)) + length.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + length.to_bytes(8, "big") + payload
+
+
 def iso_time(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _encode(frame: dict[str, object]) -> str:
     # Compact separators: frames go to every client. ASCII only (non-ASCII text as \u escapes):
-    # a frame's length in characters is then its length in bytes, so batches of frames can be
-    # kept under the frame size limit without encoding them.
+    # a frame's length in characters is then its length in bytes.
     return json.dumps(frame, separators=(",", ":"))
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trio_ws.protocol import CloseCode
+from trio_ws.protocol import CloseCode, Frame
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -47,6 +47,7 @@ class Connection:
         "connected_at",
         "outbox",
         "peer",
+        "writer",
     )
 
     def __init__(
@@ -62,18 +63,20 @@ class Connection:
         self.peer = peer
         #: Wall-clock time (seconds since the epoch) of the handshake.
         self.connected_at = connected_at
-        self._outbox_send, self.outbox = trio.open_memory_channel[str](queue_size)
+        self._outbox_send, self.outbox = trio.open_memory_channel[Frame](queue_size)
         self._close_requested = trio.Event()
         self.close_code: int | None = None
         self.close_reason = ""
         #: Largest batch in bytes (frames are ASCII); 0 sends every frame on its own.
         self.batch_limit = batch_limit
-        self._carry: str | None = None
+        self._carry: Frame | None = None
+        #: How the shell writes to this client's socket ("direct" or "quart"), for reports.
+        self.writer = ""
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id} from {self.peer}>"
 
-    def offer(self, frame: str) -> bool:
+    def offer(self, frame: Frame) -> bool:
         """Queue ``frame`` without waiting; False if the outbox is full or closed."""
         try:
             self._outbox_send.send_nowait(frame)
@@ -81,33 +84,31 @@ class Connection:
             return False
         return True
 
-    async def receive_batch(self) -> str:
-        """Wait for the next frame; join it with the frames already queued behind it.
+    async def receive_batch(self) -> list[Frame]:
+        """Wait for the next frame; return it with the frames already queued behind it.
 
-        Frames are joined with newlines while the batch stays within ``batch_limit`` bytes (a
-        frame larger than that goes alone). A writer that has fallen behind thus catches up in
-        one send instead of one send per frame: only a client whose socket does not take data
-        can overflow its outbox.
+        The batch stays within ``batch_limit`` bytes (a larger frame comes alone); a limit of 0
+        returns one frame at a time. A writer that has fallen behind thus catches up with one
+        socket write for the whole backlog, so only a client whose socket takes no data can
+        overflow its outbox.
         """
         first = self._carry
         self._carry = None
         if first is None:
             first = await self.outbox.receive()
-        if self.batch_limit <= 0:
-            return first
-        parts = [first]
-        size = len(first)
-        while True:
+        batch = [first]
+        size = len(first.text)  # ASCII: characters are bytes (plus a header of 2 to 10)
+        while size < self.batch_limit:
             try:
                 frame = self.outbox.receive_nowait()
             except trio.WouldBlock:
                 break
-            if size + 1 + len(frame) > self.batch_limit:
+            if size + len(frame.text) > self.batch_limit:
                 self._carry = frame
                 break
-            parts.append(frame)
-            size += 1 + len(frame)
-        return parts[0] if len(parts) == 1 else "\n".join(parts)
+            batch.append(frame)
+            size += len(frame.text)
+        return batch
 
     def request_close(self, code: int, reason: str) -> bool:
         """Ask the shell to close this connection; the first request wins. Idempotent."""
@@ -182,7 +183,7 @@ class Registry:
             self._empty.set()
         return True
 
-    def broadcast(self, frame: str) -> int:
+    def broadcast(self, frame: Frame) -> int:
         """Queue ``frame`` for every connection; return how many took it.
 
         A connection whose outbox is full is removed and asked to close with 4008.

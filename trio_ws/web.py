@@ -24,6 +24,7 @@ from trio_ws.protocol import ClientIdError, CloseCode
 from trio_ws.runmode import RunMode
 from trio_ws.settings import Settings
 from trio_ws.sockets import set_stall_timeout_on_listeners
+from trio_ws.transport import DirectWriter
 
 if TYPE_CHECKING:
     from trio_ws.registry import Connection
@@ -130,8 +131,7 @@ async def _handle_websocket(hub: Hub, settings: Settings, client_id: str | None)
         await _close(ws, CloseCode.GOING_AWAY, REFUSED_REASON, peer)
         return
     try:
-        batch = ws.args.get("batch", "1").lower() not in ("0", "false", "no", "off")
-        connection = hub.connect(client_id, peer, batch=batch)
+        connection = hub.connect(client_id, peer)
     except ClientIdError as error:
         LOGGER.info("refused client id %r from %s: %s", client_id, peer, error)
         await _close(ws, CloseCode.POLICY_VIOLATION, str(error), peer)
@@ -149,11 +149,23 @@ async def _handle_websocket(hub: Hub, settings: Settings, client_id: str | None)
 
 
 async def _write(ws: Any, connection: Connection) -> None:
+    """Drain the outbox into the socket: a backlog goes out in one write (see transport.py).
+
+    Every iteration waits on the outbox (``receive_batch``), a trio checkpoint even when frames
+    are ready; a send that returns at once after the peer closed cannot spin (see the
+    send-after-close livelock in the notes on Hypercorn).
+    """
+    direct = DirectWriter.find(ws)
+    connection.writer = "quart" if direct is None else "direct"
+    if direct is None:
+        while True:
+            for frame in await connection.receive_batch():
+                await ws.send(frame.text)
+            await trio.lowlevel.checkpoint()
     while True:
-        await ws.send(await connection.receive_batch())
-        # After the peer has closed, send() returns without a checkpoint; without this one a
-        # backlog would spin without ever letting the close be processed (a livelock).
-        await trio.lowlevel.checkpoint()
+        batch = await connection.receive_batch()
+        # False means the connection is closing: what is queued is dropped with it.
+        await direct.send(batch[0].wire if len(batch) == 1 else b"".join(f.wire for f in batch))
 
 
 async def _read(ws: Any, connection: Connection, hub: Hub, max_size: int) -> None:

@@ -1,0 +1,247 @@
+"""Load generator: raw-socket WebSocket clients that cost the server's peers as little as possible.
+
+Every message a publisher sends carries a marker ``B|<seq>|<monotonic ns>|`` at the start of its
+text. Servers put the text verbatim in whatever JSON they send (batched or not), so a receiver
+finds every delivery with one regular expression over the bytes it reads: no JSON parsing, no
+frame parsing, no per-message Python objects beyond the match. Servers in the benchmark run with
+pings off, so there is nothing to answer.
+
+Receivers run as separate processes (``python bench/loadgen.py receive ...``), each holding many
+connections on one ``selectors`` loop, and report JSON on stdout: how many markers each
+connection got, lost and duplicated counts, a latency sample, and their own CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import random
+import re
+import resource
+import selectors
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+MARKER = re.compile(rb"B\|(\d+)\|(\d+)\|")
+RECV_SIZE = 1 << 18
+
+
+def connect(host: str, port: int, path: str, *, timeout: float = 30) -> tuple[socket.socket, bytes]:
+    """A connected WebSocket client socket (blocking) and the bytes read past the handshake."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise ConnectionError(head[:80].decode(errors="replace"))
+    return sock, rest
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A masked client text frame. The mask key is zero (valid, and no XOR to compute)."""
+    length = len(payload)
+    if length < 126:
+        header = bytes([0x81, 0x80 | length])
+    elif length < 65536:
+        header = bytes([0x81, 0x80 | 126]) + length.to_bytes(2, "big")
+    else:
+        header = bytes([0x81, 0x80 | 127]) + length.to_bytes(8, "big")
+    return header + b"\x00\x00\x00\x00" + payload
+
+
+def message(seq: int, size: int) -> bytes:
+    head = f"B|{seq}|{time.monotonic_ns()}|".encode()
+    return head + b"x" * max(0, size - len(head))
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class Receiver:
+    """One process's receiving connections and what they saw."""
+
+    expect: int
+    sample_every: int = 7
+    seen: list[bytearray] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    duplicates: int = 0
+    latencies_ns: list[int] = field(default_factory=list)
+    first_ns: int = 0
+    last_ns: int = 0
+
+    def add_connection(self) -> int:
+        self.seen.append(bytearray(self.expect + 1))
+        self.counts.append(0)
+        return len(self.counts) - 1
+
+    def feed(self, index: int, data: bytes) -> int:
+        """Count the markers in ``data``; return the offset after the last one."""
+        now = time.monotonic_ns()
+        seen = self.seen[index]
+        end = 0
+        got = 0
+        for match in MARKER.finditer(data):
+            seq = int(match[1])
+            end = match.end()
+            if 0 < seq <= self.expect:
+                if seen[seq]:
+                    self.duplicates += 1
+                    continue
+                seen[seq] = 1
+                got += 1
+                if seq % self.sample_every == 0:
+                    self.latencies_ns.append(now - int(match[2]))
+        if got:
+            self.counts[index] += got
+            if not self.first_ns:
+                self.first_ns = now
+            self.last_ns = now
+        return end
+
+
+def receive(args: argparse.Namespace) -> None:
+    """Subprocess: hold ``--connections`` receivers until each has ``--expect`` messages."""
+    selector = selectors.DefaultSelector()
+    receiver = Receiver(expect=args.expect)
+    tails: dict[int, bytes] = {}
+    closed = 0
+    for i in range(args.connections):
+        sock, rest = connect(args.host, args.port, f"{args.path}/{args.prefix}{i}")
+        sock.setblocking(False)
+        index = receiver.add_connection()
+        tails[index] = rest
+        selector.register(sock, selectors.EVENT_READ, index)
+    print("READY", flush=True)
+    cpu_start = cpu_seconds()
+    deadline = time.monotonic() + args.timeout
+    complete = 0
+    while complete + closed < args.connections and time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=0.2):
+            index = key.data
+            try:
+                data = key.fileobj.recv(RECV_SIZE)  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                selector.unregister(key.fileobj)
+                closed += 1
+                continue
+            before = receiver.counts[index]
+            buffer = tails[index] + data
+            end = receiver.feed(index, buffer)
+            # Keep what may hold the start of a marker cut by the read.
+            tails[index] = buffer[max(end, len(buffer) - 64) :]
+            if before < args.expect <= receiver.counts[index]:
+                complete += 1
+    cpu = cpu_seconds() - cpu_start
+    total = sum(receiver.counts)
+    latencies = sorted(receiver.latencies_ns)
+    print(
+        json.dumps(
+            {
+                "connections": args.connections,
+                "received": total,
+                "lost": args.expect * args.connections - total,
+                "duplicates": receiver.duplicates,
+                "closed_by_server": closed,
+                "first_ns": receiver.first_ns,
+                "last_ns": receiver.last_ns,
+                "cpu_s": cpu,
+                "latency_sample_ns": latencies[:: max(1, len(latencies) // 2000)],
+            }
+        ),
+        flush=True,
+    )
+
+
+class Publisher:
+    """One connection that publishes markers and reads its own echoes (a closed loop)."""
+
+    def __init__(self, host: str, port: int, path: str) -> None:
+        self.sock, self._tail = connect(host, port, path)
+        self.echoed = 0
+
+    def send(self, seq: int, size: int) -> None:
+        self.sock.sendall(text_frame(message(seq, size)))
+
+    def wait_echo(self, seq: int, timeout: float = 30) -> None:
+        """Read until the echo of message ``seq`` (or a later one) has come back."""
+        deadline = time.monotonic() + timeout
+        while self.echoed < seq:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = self.sock.recv(RECV_SIZE)
+            if not data:
+                raise ConnectionError("the server closed the publisher")
+            buffer = self._tail + data
+            end = 0
+            for match in MARKER.finditer(buffer):
+                self.echoed = max(self.echoed, int(match[1]))
+                end = match.end()
+            self._tail = buffer[max(end, len(buffer) - 64) :]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def idle(args: argparse.Namespace) -> None:
+    """Subprocess: open ``--connections`` idle connections, report handshake times, then hold
+    them until stdin closes."""
+    socks = []
+    times_ms: list[float] = []
+    for i in range(args.connections):
+        started = time.monotonic()
+        sock, _ = connect(args.host, args.port, f"{args.path}/{args.prefix}{i}")
+        times_ms.append((time.monotonic() - started) * 1000)
+        socks.append(sock)
+    print(json.dumps({"connect_ms": times_ms}), flush=True)
+    sys.stdin.read()
+    for sock in socks:
+        sock.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("receive", "idle"):
+        p = sub.add_parser(name)
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, required=True)
+        p.add_argument("--path", default="/ws")
+        p.add_argument("--prefix", default=f"r{random.randrange(10**6)}-")
+        p.add_argument("--connections", type=int, required=True)
+        if name == "receive":
+            p.add_argument("--expect", type=int, required=True)
+            p.add_argument("--timeout", type=float, default=120)
+    args = parser.parse_args()
+    {"receive": receive, "idle": idle}[args.command](args)
+
+
+def percentile(sorted_values: list[Any], fraction: float) -> Any:
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,388 @@
+"""Benchmark driver: trio_ws and reference servers side by side, in one run, on loopback.
+
+    python bench/run.py                      # every server, every scenario, 3 runs each
+    python bench/run.py --servers trio_ws --scenarios fanout100 --runs 1
+
+Each figure is the median of ``--runs`` runs, with min and max. Server CPU is read from
+``/proc/<pid>/stat`` (user + system time) around the measured phase and divided by the
+deliveries, which is steady on a noisy machine where wall-clock rates are not. The load
+generator's own CPU is reported too, so one can see it is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.loadgen import Publisher, connect, percentile  # noqa: E402
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: A closed loop that makes no progress for this long counts as stalled.
+STALL_S = 10.0
+LOADGEN = [sys.executable, str(ROOT / "bench" / "loadgen.py")]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class ServerKind:
+    name: str
+    argv: Callable[[int], list[str]]
+    env: dict[str, str]
+
+
+SERVERS = {
+    "trio_ws": ServerKind(
+        "trio_ws",
+        lambda port: [sys.executable, "-m", "trio_ws", "--port", str(port)],
+        {
+            "TRIO_WS_PING_INTERVAL": "0",
+            "TRIO_WS_BROADCAST_INTERVAL": "0",
+            "TRIO_WS_LOG_LEVEL": "WARNING",
+            "TRIO_WS_DRAIN_TIMEOUT": "0",
+        },
+    ),
+    "fastapi+uvicorn": ServerKind(
+        "fastapi+uvicorn",
+        lambda port: [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.peers.fastapi_server:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--ws-ping-interval",
+            "3600",
+        ],
+        {},
+    ),
+    "websockets": ServerKind(
+        "websockets",
+        lambda port: [
+            sys.executable,
+            str(ROOT / "bench" / "peers" / "websockets_server.py"),
+            str(port),
+        ],
+        {},
+    ),
+}
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def memory_kb(self, field: str = "VmRSS") -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise LookupError(field)
+
+
+@contextmanager
+def running(kind: ServerKind) -> Iterator[Server]:
+    port = free_port()
+    process = subprocess.Popen(
+        kind.argv(port),
+        cwd=ROOT,
+        env={**os.environ, **kind.env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError(f"{kind.name} did not start") from None
+                time.sleep(0.05)
+        yield Server(process, port)
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def start_receivers(
+    server: Server, total: int, expect: int, processes: int
+) -> list[subprocess.Popen[str]]:
+    procs = []
+    per = [total // processes + (1 if i < total % processes else 0) for i in range(processes)]
+    for i, count in enumerate(per):
+        procs.append(
+            subprocess.Popen(
+                [
+                    *LOADGEN,
+                    "receive",
+                    "--port",
+                    str(server.port),
+                    "--connections",
+                    str(count),
+                    "--expect",
+                    str(expect),
+                    "--prefix",
+                    f"p{i}-",
+                    "--timeout",
+                    "120",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+    for proc in procs:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.strip() != "READY":
+            raise RuntimeError(f"receiver failed to start: {line!r}")
+    return procs
+
+
+def collect(procs: list[subprocess.Popen[str]]) -> list[dict[str, Any]]:
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=180)
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def summarize(
+    results: list[dict[str, Any]], published: int, started_ns: int, server_cpu: float
+) -> dict[str, Any]:
+    received = sum(r["received"] for r in results)
+    deliveries = received + published  # the publisher gets its own messages too
+    latencies = sorted(x for r in results for x in r["latency_sample_ns"])
+    last = max(r["last_ns"] for r in results)
+    elapsed = (last - started_ns) / 1e9
+    return {
+        "deliveries_per_s": round(deliveries / elapsed),
+        "lost": sum(r["lost"] for r in results),
+        "duplicates": sum(r["duplicates"] for r in results),
+        "closed_by_server": sum(r["closed_by_server"] for r in results),
+        "latency_p50_ms": round(percentile(latencies, 0.5) / 1e6, 2),
+        "latency_p99_ms": round(percentile(latencies, 0.99) / 1e6, 2),
+        "server_cpu_us_per_delivery": round(server_cpu / deliveries * 1e6, 2),
+        "loadgen_cpu_us_per_delivery": round(
+            sum(r["cpu_s"] for r in results) / deliveries * 1e6, 2
+        ),
+    }
+
+
+def fanout(
+    kind: ServerKind, receivers: int, messages: int, window: int = 16, size: int = 64
+) -> dict[str, Any]:
+    """Closed loop: one publisher keeps ``window`` messages in flight (by its own echoes)."""
+    with running(kind) as server:
+        procs = start_receivers(server, receivers, messages, processes=2 if receivers > 200 else 1)
+        publisher = Publisher("127.0.0.1", server.port, "/ws/publisher")
+        cpu0 = server.cpu_s()
+        started = time.monotonic_ns()
+        for seq in range(1, messages + 1):
+            if seq > window:
+                publisher.wait_echo(seq - window)
+            publisher.send(seq, size)
+        publisher.wait_echo(messages)
+        results = collect(procs)
+        cpu = server.cpu_s() - cpu0
+        publisher.close()
+    return summarize(results, messages, started, cpu)
+
+
+def fixed_rate(
+    kind: ServerKind, receivers: int = 1000, rate: float = 20, seconds: float = 10
+) -> dict[str, Any]:
+    """An open loop: ``rate`` messages a second to ``receivers`` clients; latency is the point."""
+    messages = int(rate * seconds)
+    with running(kind) as server:
+        procs = start_receivers(server, receivers, messages, processes=2)
+        publisher = Publisher("127.0.0.1", server.port, "/ws/publisher")
+        cpu0 = server.cpu_s()
+        started = time.monotonic_ns()
+        for seq in range(1, messages + 1):
+            due = started / 1e9 + seq / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            publisher.send(seq, 64)
+        publisher.wait_echo(messages)
+        results = collect(procs)
+        cpu = server.cpu_s() - cpu0
+        publisher.close()
+    return summarize(results, messages, started, cpu)
+
+
+def idle_connections(kind: ServerKind, count: int = 5000) -> dict[str, Any]:
+    with running(kind) as server:
+        time.sleep(0.5)
+        before = server.memory_kb()
+        procs = [
+            subprocess.Popen(
+                [
+                    *LOADGEN,
+                    "idle",
+                    "--port",
+                    str(server.port),
+                    "--connections",
+                    str(count // 2),
+                    "--prefix",
+                    f"i{i}-",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        times: list[float] = []
+        for proc in procs:
+            assert proc.stdout is not None
+            times += json.loads(proc.stdout.readline())["connect_ms"]
+        time.sleep(1)
+        after = server.memory_kb()
+        for proc in procs:
+            proc.communicate(timeout=30)
+    times.sort()
+    return {
+        "rss_kb_per_connection": round((after - before) / count, 2),
+        "connect_p50_ms": round(percentile(times, 0.5), 2),
+        "connect_p99_ms": round(percentile(times, 0.99), 2),
+    }
+
+
+def slow_client(
+    kind: ServerKind, healthy: int = 100, messages: int = 2000, size: int = 4096
+) -> dict[str, Any]:
+    """``healthy`` receivers and one client that never reads; compare with a run without it."""
+
+    def run(with_slow: bool) -> tuple[dict[str, Any] | None, int]:
+        with running(kind) as server:
+            procs = start_receivers(server, healthy, messages, processes=1)
+            stuck = None
+            if with_slow:
+                stuck, _ = connect("127.0.0.1", server.port, "/ws/never-reads")
+                stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            publisher = Publisher("127.0.0.1", server.port, "/ws/publisher")
+            cpu0 = server.cpu_s()
+            started = time.monotonic_ns()
+            try:
+                for seq in range(1, messages + 1):
+                    if seq > 16:
+                        publisher.wait_echo(seq - 16, timeout=STALL_S)
+                    publisher.send(seq, size)
+                publisher.wait_echo(messages, timeout=STALL_S)
+            except (TimeoutError, ConnectionError):
+                # The server stopped serving everyone (a sequential broadcast waiting on the
+                # client that never reads): that is the result.
+                for proc in procs:
+                    proc.kill()
+                    proc.wait()
+                return None, server.memory_kb("VmHWM")
+            results = collect(procs)
+            cpu = server.cpu_s() - cpu0
+            peak = server.memory_kb("VmHWM")
+            publisher.close()
+            if stuck is not None:
+                stuck.close()
+        return summarize(results, messages, started, cpu), peak
+
+    base, base_peak = run(False)
+    slow, slow_peak = run(True)
+    assert base is not None
+    if slow is None:
+        return {
+            "healthy_rate_ratio": 0.0,
+            "lost": None,
+            "peak_rss_mb": round(slow_peak / 1024, 1),
+            "peak_rss_mb_without_slow": round(base_peak / 1024, 1),
+            "stalled": f"everyone stalled for {STALL_S}s",
+        }
+    return {
+        "healthy_rate_ratio": round(slow["deliveries_per_s"] / base["deliveries_per_s"], 3),
+        "lost": slow["lost"],
+        "peak_rss_mb": round(slow_peak / 1024, 1),
+        "peak_rss_mb_without_slow": round(base_peak / 1024, 1),
+    }
+
+
+SCENARIOS: dict[str, Callable[[ServerKind], dict[str, Any]]] = {
+    "fanout100": lambda kind: fanout(kind, 100, 3000),
+    "fanout1000": lambda kind: fanout(kind, 1000, 500),
+    "rate1000x20": lambda kind: fixed_rate(kind),
+    "idle5000": lambda kind: idle_connections(kind),
+    "slow_client": lambda kind: slow_client(kind),
+}
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in runs[0]:
+        values = [run[key] for run in runs]
+        if all(isinstance(v, (int, float)) for v in values):
+            out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        else:
+            out[key] = values
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
+    args = parser.parse_args()
+    results: dict[str, dict[str, Any]] = {}
+    for scenario in args.scenarios:
+        for name in args.servers:
+            runs = [SCENARIOS[scenario](SERVERS[name]) for _ in range(args.runs)]
+            results.setdefault(scenario, {})[name] = aggregate(runs)
+            print(
+                f"{scenario:12} {name:16} "
+                + "  ".join(
+                    f"{key}={value['median'] if isinstance(value, dict) else value}"
+                    for key, value in results[scenario][name].items()
+                ),
+                flush=True,
+            )
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(
+        json.dumps(
+            {"date": time.strftime("%Y-%m-%d"), "runs": args.runs, "results": results}, indent=2
+        )
+    )
+    print(f"saved {args.json}")
+
+
+if __name__ == "__main__":
+    main()
