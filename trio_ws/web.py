@@ -8,6 +8,7 @@ close, cancellation).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from pathlib import Path
@@ -33,6 +34,21 @@ LOGGER = logging.getLogger(__name__)
 
 #: How long a close handshake may take before we give up on it.
 CLOSE_TIMEOUT_S = 5.0
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a server's steady state.
+
+    Everything built at startup (modules, the app) is moved out of the collector's sight
+    (``gc.freeze``), and the youngest generation is collected every 50,000 allocations instead
+    of 700: a broadcast allocates a little per client, and frequent young collections that find
+    nothing cost a quarter of the CPU per delivery at 1,000 clients (bench/run.py, fanout1000:
+    26.8 -> 20.2 us). Reference cycles are still collected, just less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+    LOGGER.info("garbage collector: startup objects frozen, thresholds %s", gc.get_threshold())
 
 
 def templates_dir() -> Path:
@@ -74,6 +90,7 @@ def create_app(
             runmode.prepare_worker(settings)
             tuned = set_stall_timeout_on_listeners(settings.stall_timeout)
             LOGGER.info("TCP_USER_TIMEOUT %gs set on %d listeners", settings.stall_timeout, tuned)
+        tune_gc()
         await app.nursery.start(hub.run)
         if mode in (RunMode.HYPERCORN_WORKER, RunMode.HYPERCORN_INPROCESS):
             app.nursery.start_soon(runmode.own_signals, hub, mode)
