@@ -447,3 +447,52 @@ async def test_an_error_closing_one_client_is_logged(caplog: pytest.LogCaptureFi
 
     await _close(GoneSocket(), 1001, "drain deadline reached", "alice")
     assert "error closing client alice with 1001: RuntimeError(" in caplog.text
+
+
+async def test_partial_writes_never_interleave_with_hypercorn_frames(
+    server: RunningServer,
+) -> None:
+    """A slow reader makes broadcasts write only part of a frame; the pongs Hypercorn sends
+    meanwhile must land between frames, never inside one."""
+    host, port = host_port(server)
+    victim = await raw_handshake(host, port, "/ws/victim", rcvbuf=4096)
+    count, pings = 150, 0
+    texts: list[str] = []
+    pongs: list[bytes] = []
+
+    async def read_slowly() -> None:
+        nonlocal pings
+        buffer = b""
+        while len(texts) < count + 1:  # the welcome, then every message
+            ping = f"p{pings}".encode()
+            pings += 1
+            await victim.send(b"\x89" + bytes([0x80 | len(ping)]) + b"\0\0\0\0" + ping)
+            buffer += await victim.recv(2048)
+            await trio.sleep(0.001)
+            while len(buffer) >= 2:
+                opcode, length, header = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
+                if length == 126:
+                    if len(buffer) < 4:
+                        break
+                    length, header = int.from_bytes(buffer[2:4], "big"), 4
+                if len(buffer) < header + length:
+                    break
+                payload, buffer = buffer[header : header + length], buffer[header + length :]
+                assert opcode in (0x1, 0xA), f"corrupt stream: opcode {opcode}"
+                if opcode == 0x1:
+                    texts.append(json.loads(payload)["type"])
+                else:
+                    pongs.append(payload)
+
+    async with open_websocket_url(server.ws_url + "/publisher") as publisher:
+        await next_frame(publisher)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_slowly)
+            for i in range(count):
+                await publisher.send_message(f"{i:04d}" + "y" * 8192)
+                while (await next_frame(publisher))["text"][:4] != f"{i:04d}":
+                    pass
+    assert texts == ["welcome"] + ["message"] * count
+    assert pongs == [f"p{i}".encode() for i in range(len(pongs))]
+    assert len(pongs) > 10
+    victim.close()

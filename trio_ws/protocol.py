@@ -80,6 +80,17 @@ class Frame:
         return self._wire
 
 
+def _nothing() -> Frame:
+    frame = Frame("")
+    frame._wire = b""
+    return frame
+
+
+#: Queued to wake a client's writer when a write-through left part of a frame pending: it
+#: writes nothing itself.
+WAKE = _nothing()
+
+
 def ws_text_frame(payload: bytes) -> bytes:
     """An unmasked, final WebSocket text frame (RFC 6455 section 5.2) carrying ``payload``."""
     length = len(payload)

@@ -19,18 +19,27 @@ Theory of operation:
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 
-from trio_ws.protocol import CloseCode, Frame
+from trio_ws.protocol import WAKE, CloseCode, Frame
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 LOGGER = logging.getLogger(__name__)
+
+
+class Written(enum.Enum):
+    """What a write-through did with a frame (see :attr:`Connection.write_through`)."""
+
+    ALL = "all"  # the socket took the whole frame
+    PARTIAL = "partial"  # it took part; the writer task must finish the rest
+    NOTHING = "nothing"  # it took nothing: queue the frame
 
 
 class Connection:
@@ -40,6 +49,7 @@ class Connection:
         "_carry",
         "_close_requested",
         "_outbox_send",
+        "_queued",
         "batch_limit",
         "client_id",
         "close_code",
@@ -47,6 +57,7 @@ class Connection:
         "connected_at",
         "outbox",
         "peer",
+        "write_through",
         "writer",
     )
 
@@ -72,16 +83,28 @@ class Connection:
         self._carry: Frame | None = None
         #: How the shell writes to this client's socket ("direct" or "quart"), for reports.
         self.writer = ""
+        #: Set by the shell while its writer runs: writes a frame's bytes to the socket at once
+        #: if it can, without waiting. Used only when nothing is queued, so order is kept.
+        self.write_through: Callable[[bytes], Written] | None = None
+        self._queued = 0  # frames offered and not yet taken by the writer
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id} from {self.peer}>"
 
     def offer(self, frame: Frame) -> bool:
-        """Queue ``frame`` without waiting; False if the outbox is full or closed."""
+        """Deliver ``frame`` without waiting: write it through if nothing is queued, else queue
+        it. False if the outbox is full or closed."""
+        if not self._queued and self.write_through is not None:
+            written = self.write_through(frame.wire)
+            if written is Written.ALL:
+                return True
+            if written is Written.PARTIAL:
+                frame = WAKE  # the frame is in; the writer must finish writing it
         try:
             self._outbox_send.send_nowait(frame)
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             return False
+        self._queued += 1
         return True
 
     async def receive_batch(self) -> list[Frame]:
@@ -108,6 +131,7 @@ class Connection:
                 break
             batch.append(frame)
             size += len(frame.text)
+        self._queued -= len(batch)
         return batch
 
     def request_close(self, code: int, reason: str) -> bool:

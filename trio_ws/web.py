@@ -179,10 +179,14 @@ async def _write(ws: Any, connection: Connection) -> None:
             for frame in await connection.receive_batch():
                 await ws.send(frame.text)
             await trio.lowlevel.checkpoint()
-    while True:
-        batch = await connection.receive_batch()
-        # False means the connection is closing: what is queued is dropped with it.
-        await direct.send(batch[0].wire if len(batch) == 1 else b"".join(f.wire for f in batch))
+    connection.write_through = direct.try_write
+    try:
+        while True:
+            batch = await connection.receive_batch()
+            # False means the connection is closing: what is queued is dropped with it.
+            await direct.send(batch[0].wire if len(batch) == 1 else b"".join(f.wire for f in batch))
+    finally:
+        connection.write_through = None
 
 
 async def _read(ws: Any, connection: Connection, hub: Hub, max_size: int) -> None:
