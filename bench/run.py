@@ -355,6 +355,34 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+#: The figures the table shows for each scenario (the JSON has them all).
+HEADLINES = {
+    "fanout100": ["server_cpu_us_per_delivery", "deliveries_per_s", "latency_p99_ms", "lost"],
+    "fanout1000": ["server_cpu_us_per_delivery", "deliveries_per_s", "latency_p99_ms", "lost"],
+    "rate1000x20": ["latency_p50_ms", "latency_p99_ms", "server_cpu_us_per_delivery", "lost"],
+    "idle5000": ["rss_kb_per_connection", "connect_p99_ms"],
+    "slow_client": ["healthy_rate_ratio", "peak_rss_mb", "lost"],
+}
+
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    """Median (min-max) of each headline figure, one row per scenario and server."""
+    print()
+    for scenario, servers in results.items():
+        keys = HEADLINES.get(scenario, [])
+        print(f"{scenario:12} {'server':16} " + " ".join(f"{key:>28}" for key in keys))
+        for name, figures in servers.items():
+            cells = []
+            for key in keys:
+                value = figures.get(key)
+                if isinstance(value, dict):
+                    cells.append(f"{value['median']:g} ({value['min']:g}-{value['max']:g})")
+                else:
+                    cells.append(str(value))
+            print(f"{'':12} {name:16} " + " ".join(f"{cell:>28}" for cell in cells))
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
@@ -375,6 +403,7 @@ def main() -> None:
                 ),
                 flush=True,
             )
+    print_table(results)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(
         json.dumps(

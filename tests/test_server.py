@@ -496,3 +496,35 @@ async def test_partial_writes_never_interleave_with_hypercorn_frames(
     assert pongs == [f"p{i}".encode() for i in range(len(pongs))]
     assert len(pongs) > 10
     victim.close()
+
+
+async def test_uncompressed_frames_on_a_permessage_deflate_connection(
+    server: RunningServer,
+) -> None:
+    """Browsers offer permessage-deflate and Hypercorn accepts it; the direct writer's frames are
+    uncompressed (RSV1 clear), which RFC 7692 allows, and read as plain JSON."""
+    host, port = host_port(server)
+    sock = trio.socket.socket()
+    await sock.connect((host, port))
+    await sock.send(
+        f"GET /ws/deflate HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n".encode()
+    )
+    response = b""
+    with trio.fail_after(5):
+        while b"\r\n\r\n" not in response:
+            response += await sock.recv(1)
+    assert b"permessage-deflate" in response.lower()
+    with trio.fail_after(5):
+        header = await sock.recv(2)
+        length = header[1] & 0x7F
+        if length == 126:
+            length = int.from_bytes(await sock.recv(2), "big")
+        payload = b""
+        while len(payload) < length:
+            payload += await sock.recv(length - len(payload))
+    assert header[0] == 0x81  # FIN, RSV1 clear (not compressed), text
+    assert json.loads(payload)["client_id"] == "deflate"
+    sock.close()
