@@ -163,3 +163,15 @@ async def test_batch_limit_0_gives_frames_one_by_one() -> None:
     for frame in frames:
         conn.offer(frame)
     assert [await conn.receive_batch(), await conn.receive_batch()] == [[frames[0]], [frames[1]]]
+
+
+def test_a_closing_connection_gets_no_more_frames_and_is_not_called_slow() -> None:
+    registry = Registry()
+    closing, open_ = connection("closing", queue_size=1), connection("open", queue_size=100)
+    registry.add(closing)
+    registry.add(open_)
+    closing.request_close(1001, "drain deadline reached")
+    assert [registry.broadcast(Frame(f"m{i}")) for i in range(3)] == [1, 1, 1]
+    assert closing in registry  # still registered until its close handshake is done
+    assert registry.statistics().slow_disconnects == 0
+    assert drain_outbox(closing) == []

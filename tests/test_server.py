@@ -528,3 +528,46 @@ async def test_uncompressed_frames_on_a_permessage_deflate_connection(
     assert header[0] == 0x81  # FIN, RSV1 clear (not compressed), text
     assert json.loads(payload)["client_id"] == "deflate"
     sock.close()
+
+
+async def test_websocket_over_http2_stays_inside_http2_frames(server: RunningServer) -> None:
+    """RFC 8441: over HTTP/2 the WebSocket is one stream of a multiplexed connection; its bytes
+    must travel in DATA frames, so the direct socket writer must stand aside."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    host, port = host_port(server)
+    sock = trio.socket.socket()
+    await sock.connect((host, port))
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    conn.initiate_connection()
+    await sock.send(conn.data_to_send())
+    conn.send_headers(
+        1,
+        [
+            (b":method", b"CONNECT"),
+            (b":protocol", b"websocket"),
+            (b":scheme", b"http"),
+            (b":path", b"/ws/h2client"),
+            (b":authority", f"{host}:{port}".encode()),
+            (b"sec-websocket-version", b"13"),
+        ],
+    )
+    await sock.send(conn.data_to_send())
+    data = b""
+    with trio.fail_after(5):
+        while b'"welcome"' not in data:
+            chunk = await sock.recv(65536)
+            assert chunk, "connection closed"
+            for event in conn.receive_data(chunk):  # raises on an HTTP/2 protocol error
+                if isinstance(event, h2.events.DataReceived):
+                    data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+            if out := conn.data_to_send():
+                await sock.send(out)
+    assert data.startswith(b"\x81")  # a WebSocket text frame, inside HTTP/2 DATA
+    assert server.hub.registry.get("h2client").writer == "quart"  # type: ignore[union-attr]
+    sock.close()

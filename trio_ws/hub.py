@@ -34,8 +34,10 @@ LOGGER = logging.getLogger(__name__)
 
 REFUSED_REASON = "server is shutting down; reconnect to another instance"
 
-#: Most bytes one socket write may carry when a client's writer catches up on a backlog.
-BATCH_LIMIT_BYTES = 256 * 1024
+#: Most bytes one socket write may carry when a client's writer catches up on a backlog. The
+#: write is shielded (no half frames on the wire), so this also bounds what a client that reads
+#: at a trickle can make a close or a pong wait for.
+BATCH_LIMIT_BYTES = 64 * 1024
 
 
 class HubState(enum.Enum):

@@ -54,6 +54,7 @@ class Connection:
         "client_id",
         "close_code",
         "close_reason",
+        "closing",
         "connected_at",
         "outbox",
         "peer",
@@ -78,6 +79,8 @@ class Connection:
         self._close_requested = trio.Event()
         self.close_code: int | None = None
         self.close_reason = ""
+        #: Set with the close request: the connection takes no more frames.
+        self.closing = False
         #: Largest batch in bytes (frames are ASCII); 0 sends every frame on its own.
         self.batch_limit = batch_limit
         self._carry: Frame | None = None
@@ -139,6 +142,7 @@ class Connection:
         if self._close_requested.is_set():
             return False
         self.close_code, self.close_reason = code, reason
+        self.closing = True
         self._close_requested.set()
         return True
 
@@ -215,6 +219,8 @@ class Registry:
         slow: list[Connection] = []
         delivered = 0
         for connection in self._connections.values():
+            if connection.closing:
+                continue  # its writer has stopped: queueing would only overflow the outbox
             if connection.offer(frame):
                 delivered += 1
             else:

@@ -27,6 +27,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import ASGIWebsocketState
 from wsproto.connection import ConnectionState
 
@@ -61,7 +62,12 @@ class DirectWriter:
         try:
             app_send = quart_websocket._send.args[0]  # partial(send_data, <ASGI send>)
             ws_stream = app_send.__self__  # hypercorn.protocol.ws_stream.WSStream
-            tcp_server = ws_stream.send.__self__.send.__self__  # H11Protocol -> TCPServer
+            protocol = ws_stream.send.__self__
+            # HTTP/1.1 only: over HTTP/2 (RFC 8441) the WebSocket is one stream of a multiplexed
+            # connection and its bytes must go inside HTTP/2 DATA frames.
+            if not isinstance(protocol, H11Protocol):
+                raise TypeError(f"WebSocket over {type(protocol).__name__}")
+            tcp_server = protocol.send.__self__  # type: ignore[attr-defined]  # TCPServer
             stream, lock = tcp_server.stream, tcp_server.send_lock
             if type(ws_stream).__name__ != "WSStream" or not isinstance(lock, trio.Lock):
                 raise TypeError(type(ws_stream).__name__)
@@ -72,8 +78,8 @@ class DirectWriter:
             if not _fallback_logged:
                 _fallback_logged = True
                 LOGGER.warning(
-                    "direct socket writes unavailable (%r): sending through Quart, which is "
-                    "slower and sends a backlog frame by frame",
+                    "direct socket writes unavailable (%s): sending through Quart, which is "
+                    "slower and sends a backlog frame by frame (logged once)",
                     error,
                 )
             return None
@@ -141,7 +147,12 @@ class DirectWriter:
         return True
 
     async def flush_pending(self) -> None:
-        """Complete a frame left half-written by :meth:`try_write` (caller holds the lock)."""
+        """Complete a frame left half-written by :meth:`try_write` (caller holds the lock).
+
+        If the connection ends abnormally before anyone flushes (the peer vanished, or
+        Hypercorn cancelled the connection at its graceful timeout), the peer sees a cut-off
+        frame where it would have seen a dropped connection: it is gone either way.
+        """
         pending, self._pending = self._pending, None
         if pending is None:
             return

@@ -182,6 +182,9 @@ async def _write(ws: Any, connection: Connection) -> None:
     connection.write_through = direct.try_write
     try:
         while True:
+            # receive_batch() returns a held-over frame without a checkpoint, and a write the
+            # socket takes at once has none either: let a cancellation in here.
+            await trio.lowlevel.checkpoint_if_cancelled()
             batch = await connection.receive_batch()
             # False means the connection is closing: what is queued is dropped with it.
             await direct.send(batch[0].wire if len(batch) == 1 else b"".join(f.wire for f in batch))
