@@ -168,16 +168,18 @@ async def _handle_websocket(hub: Hub, settings: Settings, client_id: str | None)
 async def _write(ws: Any, connection: Connection) -> None:
     """Drain the outbox into the socket: a backlog goes out in one write (see transport.py).
 
-    Every iteration waits on the outbox (``receive_batch``), a trio checkpoint even when frames
-    are ready; a send that returns at once after the peer closed cannot spin (see the
-    send-after-close livelock in the notes on Hypercorn).
+    While nothing is queued, broadcasts write to the socket themselves (``write_through``) and
+    this task sleeps. Each iteration has a cancellation point and, unless a held-over frame is
+    waiting, a schedule point in ``receive_batch``: a send that returns at once after the peer
+    closed cannot spin (the send-after-close livelock in the notes on Hypercorn).
     """
     direct = DirectWriter.find(ws)
     connection.writer = "quart" if direct is None else "direct"
     if direct is None:
         while True:
             for frame in await connection.receive_batch():
-                await ws.send(frame.text)
+                if frame.text:  # WAKE (empty) is only ever queued for the direct writer
+                    await ws.send(frame.text)
             await trio.lowlevel.checkpoint()
     connection.write_through = direct.try_write
     try:
