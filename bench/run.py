@@ -81,6 +81,39 @@ SERVERS = {
         ],
         {},
     ),
+    # Memory floors of the stack (idle5000 only): what Hypercorn alone, and Quart-Trio on it, cost.
+    "asgi-floor": ServerKind(
+        "asgi-floor",
+        lambda port: [
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "-k",
+            "trio",
+            "-w",
+            "0",
+            "-b",
+            f"127.0.0.1:{port}",
+            "bench.peers.asgi_floor:app",
+        ],
+        {},
+    ),
+    "quart-floor": ServerKind(
+        "quart-floor",
+        lambda port: [
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "-k",
+            "trio",
+            "-w",
+            "0",
+            "-b",
+            f"127.0.0.1:{port}",
+            "bench.peers.quart_floor:app",
+        ],
+        {},
+    ),
     "websockets": ServerKind(
         "websockets",
         lambda port: [
@@ -335,6 +368,9 @@ def slow_client(
     }
 
 
+#: The servers a plain run compares (the floors only make sense with idle5000).
+BROADCASTERS = ["trio_ws", "fastapi+uvicorn", "websockets"]
+
 SCENARIOS: dict[str, Callable[[ServerKind], dict[str, Any]]] = {
     "fanout100": lambda kind: fanout(kind, 100, 3000),
     "fanout1000": lambda kind: fanout(kind, 1000, 500),
@@ -385,7 +421,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
+    parser.add_argument("--servers", nargs="+", default=BROADCASTERS, choices=list(SERVERS))
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
