@@ -320,7 +320,7 @@ def slow_client(
 
     def run(with_slow: bool) -> tuple[dict[str, Any] | None, int]:
         with running(kind) as server:
-            procs = start_receivers(server, healthy, messages, processes=1)
+            procs = start_receivers(server, healthy, messages, processes=2)
             stuck = None
             if with_slow:
                 stuck, _ = connect("127.0.0.1", server.port, "/ws/never-reads")
@@ -363,6 +363,8 @@ def slow_client(
     return {
         "healthy_rate_ratio": round(slow["deliveries_per_s"] / base["deliveries_per_s"], 3),
         "lost": slow["lost"],
+        "healthy_closed_by_server": slow["closed_by_server"],
+        "lost_without_slow": base["lost"],
         "peak_rss_mb": round(slow_peak / 1024, 1),
         "peak_rss_mb_without_slow": round(base_peak / 1024, 1),
     }
@@ -397,7 +399,7 @@ HEADLINES = {
     "fanout1000": ["server_cpu_us_per_delivery", "deliveries_per_s", "latency_p99_ms", "lost"],
     "rate1000x20": ["latency_p50_ms", "latency_p99_ms", "server_cpu_us_per_delivery", "lost"],
     "idle5000": ["rss_kb_per_connection", "connect_p99_ms"],
-    "slow_client": ["healthy_rate_ratio", "peak_rss_mb", "lost"],
+    "slow_client": ["healthy_rate_ratio", "peak_rss_mb", "lost", "healthy_closed_by_server"],
 }
 
 
