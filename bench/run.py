@@ -52,6 +52,22 @@ class ServerKind:
     env: dict[str, str]
 
 
+def _hypercorn(port: int, peer: str) -> list[str]:
+    """A reference app from bench/peers/ under Hypercorn's trio worker, in process."""
+    return [
+        sys.executable,
+        "-m",
+        "hypercorn",
+        "-k",
+        "trio",
+        "-w",
+        "0",
+        "-b",
+        f"127.0.0.1:{port}",
+        f"bench.peers.{peer}:app",
+    ]
+
+
 SERVERS = {
     "trio_ws": ServerKind(
         "trio_ws",
@@ -82,38 +98,8 @@ SERVERS = {
         {},
     ),
     # Memory floors of the stack (idle5000 only): what Hypercorn alone, and Quart-Trio on it, cost.
-    "asgi-floor": ServerKind(
-        "asgi-floor",
-        lambda port: [
-            sys.executable,
-            "-m",
-            "hypercorn",
-            "-k",
-            "trio",
-            "-w",
-            "0",
-            "-b",
-            f"127.0.0.1:{port}",
-            "bench.peers.asgi_floor:app",
-        ],
-        {},
-    ),
-    "quart-floor": ServerKind(
-        "quart-floor",
-        lambda port: [
-            sys.executable,
-            "-m",
-            "hypercorn",
-            "-k",
-            "trio",
-            "-w",
-            "0",
-            "-b",
-            f"127.0.0.1:{port}",
-            "bench.peers.quart_floor:app",
-        ],
-        {},
-    ),
+    "asgi-floor": ServerKind("asgi-floor", lambda port: _hypercorn(port, "asgi_floor"), {}),
+    "quart-floor": ServerKind("quart-floor", lambda port: _hypercorn(port, "quart_floor"), {}),
     "websockets": ServerKind(
         "websockets",
         lambda port: [
