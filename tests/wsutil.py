@@ -7,45 +7,33 @@ import json
 import os
 import socket
 import struct
-import weakref
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-# Objects of a batch (several JSON objects in one WebSocket frame) not yet returned, per client.
-_unread: weakref.WeakKeyDictionary[WebSocketConnection, deque[dict[str, Any]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def parse_frame(message: str | bytes) -> list[dict[str, Any]]:
-    """The JSON objects of one WebSocket frame: one per line (README, "WebSocket protocol")."""
-    assert isinstance(message, str)
-    return [json.loads(part) for part in message.split("\n") if part]
-
 
 async def next_frame(ws: WebSocketConnection, timeout: float = 5) -> dict[str, Any]:
-    """The next JSON object from the server, whether it came alone or in a batch."""
-    unread = _unread.setdefault(ws, deque())
-    if not unread:
-        with trio.fail_after(timeout):
-            unread.extend(parse_frame(await ws.get_message()))
-    return unread.popleft()
+    """The next frame from the server: one JSON object (README, "WebSocket protocol")."""
+    with trio.fail_after(timeout):
+        message = await ws.get_message()
+    assert isinstance(message, str)
+    frame: dict[str, Any] = json.loads(message)
+    return frame
 
 
 async def frames_until_closed(ws: WebSocketConnection, timeout: float = 10) -> list[dict[str, Any]]:
-    """Read every object until the server closes; the close reason is then on ``ws.closed``."""
-    out: list[dict[str, Any]] = list(_unread.pop(ws, ()))
+    """Read every frame until the server closes; the close reason is then on ``ws.closed``."""
+    out: list[dict[str, Any]] = []
     with trio.fail_after(timeout):
         while True:
             try:
                 message = await ws.get_message()
             except ConnectionClosed:
                 return out
-            out.extend(parse_frame(message))
+            assert isinstance(message, str)
+            out.append(json.loads(message))
 
 
 async def close_code(ws: WebSocketConnection, timeout: float = 10) -> tuple[int, str | None]:

@@ -139,7 +139,7 @@ class Connection:
 
     def request_close(self, code: int, reason: str) -> bool:
         """Ask the shell to close this connection; the first request wins. Idempotent."""
-        if self._close_requested.is_set():
+        if self.closing:
             return False
         self.close_code, self.close_reason = code, reason
         self.closing = True
@@ -148,7 +148,7 @@ class Connection:
 
     @property
     def close_requested(self) -> bool:
-        return self._close_requested.is_set()
+        return self.closing
 
     async def wait_close_requested(self) -> None:
         await self._close_requested.wait()
