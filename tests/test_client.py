@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import trio
 
 from trio_ws.client import build_parser, run
@@ -23,8 +25,9 @@ async def test_client_prints_frames_and_drains_away_after_the_warning(
         nursery.start_soon(drain_soon)
         with trio.fail_after(5):
             assert await run(args, out) == 0
-    assert out[0] == "[alice] welcome: I am alice, 1 connected"
-    assert out[1].startswith("[alice] message #1 from alice: hi <all>")
+    instance = server.hub.instance_id
+    assert out[0] == f"[alice] welcome: I am alice on instance {instance}, 1 connected"
+    assert re.match(r"\[alice\] message \d+-\d+ from alice: hi <all>", out[1]), out[1]
     assert out[2].startswith("[alice] SHUTDOWN WARNING: server is shutting down (SIGTERM)")
     assert out[3:] == ["[alice] leaving after 0.1s", "[alice] closed: code 1000 (NORMAL_CLOSURE)"]
 

@@ -27,7 +27,7 @@ def frames(conn: Connection) -> list[dict[str, Any]]:
 
 
 def make_hub(**changes: Any) -> Hub:
-    return Hub(Settings(**changes), wall_clock=lambda: 1_000.0)
+    return Hub(Settings(**changes), instance_id="i1", wall_clock=lambda: 1_000.0)
 
 
 def test_connect_queues_a_welcome_first() -> None:
@@ -39,6 +39,7 @@ def test_connect_queues_a_welcome_first() -> None:
         {
             "type": "welcome",
             "client_id": "alice",
+            "instance": "i1",
             "active_connections": 1,
             "server_time": "1970-01-01T00:16:40.000Z",
             "ts": 1000.0,
@@ -64,17 +65,21 @@ def test_reconnect_with_same_id_replaces_the_old_connection() -> None:
     assert hub.registry.get("alice") is new
 
 
-def test_publish_reaches_everyone_including_the_sender_with_increasing_ids() -> None:
+async def test_publish_reaches_everyone_including_the_sender_with_increasing_ids() -> None:
     hub = make_hub()
     a, b = hub.connect("a", "p"), hub.connect("b", "p")
     frames(a), frames(b)
-    assert hub.publish("a", "one") == 2
-    assert hub.publish("b", "two <b>") == 2
-    for conn in (a, b):
-        assert [(f["id"], f["from"], f["text"]) for f in frames(conn)] == [
-            (1, "a", "one"),
-            (2, "b", "two <b>"),
-        ]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        await hub.publish("a", "one")
+        await hub.publish("b", "two <b>")
+        # Queued before publish returned: the in-process broker delivers synchronously.
+        for conn in (a, b):
+            assert [(f["id"], f["from"], f["text"]) for f in frames(conn)] == [
+                ("1000000-0", "a", "one"),
+                ("1000000-1", "b", "two <b>"),
+            ]
+        nursery.cancel_scope.cancel()
 
 
 async def test_periodic_every_interval_until_the_drain(
@@ -87,9 +92,9 @@ async def test_periodic_every_interval_until_the_drain(
         await nursery.start(hub.run)
         await trio.sleep(35)
         assert [(f["type"], f["id"]) for f in frames(conn)] == [
-            ("periodic", 1),
-            ("periodic", 2),
-            ("periodic", 3),
+            ("periodic", "1000000-0"),
+            ("periodic", "1000000-1"),
+            ("periodic", "1000000-2"),
         ]
         hub.request_drain("test")
         await trio.sleep(50)

@@ -35,24 +35,26 @@ def test_server_assigned_ids_are_valid_and_distinct() -> None:
 
 def test_frames() -> None:
     ts = 1_800_000_000.25
-    assert json.loads(protocol.welcome_frame(client_id="a", active_connections=3, ts=ts)) == {
+    welcome = protocol.welcome_frame(client_id="a", active_connections=3, instance="i1", ts=ts)
+    assert json.loads(welcome) == {
         "type": "welcome",
         "client_id": "a",
+        "instance": "i1",
         "active_connections": 3,
         "server_time": "2027-01-15T08:00:00.250Z",
         "ts": ts,
     }
     text = 'quote " backslash \\ newline \n <b>html</b> ünï 🎉'
-    assert json.loads(protocol.message_frame(message_id=7, sender="a", text=text, ts=ts)) == {
+    assert json.loads(protocol.message_frame(message_id="7-0", sender="a", text=text, ts=ts)) == {
         "type": "message",
-        "id": 7,
+        "id": "7-0",
         "from": "a",
         "text": text,
         "ts": ts,
     }
-    assert json.loads(protocol.periodic_frame(message_id=8, active_connections=0, ts=ts)) == {
+    assert json.loads(protocol.periodic_frame(message_id=None, active_connections=0, ts=ts)) == {
         "type": "periodic",
-        "id": 8,
+        "id": None,
         "active_connections": 0,
         "ts": ts,
     }
@@ -65,7 +67,7 @@ def test_frames() -> None:
 
 
 def test_frames_are_ascii_so_characters_are_bytes() -> None:
-    frame = protocol.message_frame(message_id=1, sender="a", text="one\ntwo ünï 🎉", ts=0.0)
+    frame = protocol.message_frame(message_id="1-0", sender="a", text="one\ntwo ünï 🎉", ts=0.0)
     assert frame.isascii()
     assert json.loads(frame)["text"] == "one\ntwo ünï 🎉"
 

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-level", type=str.upper, choices=LOG_LEVELS, help="log level (INFO)")
     add("--certfile", help="TLS certificate (PEM); serve wss:// and https://")
     add("--keyfile", help="TLS private key (PEM)")
+    add("--redis-url", metavar="URL", help="broadcast through Redis (redis://host:6379/0)")
+    add("--redis-prefix", metavar="PREFIX", help="prefix of every Redis key (trio_ws)")
+    add("--redis-stream-maxlen", type=int, metavar="N", help="replay window in broadcasts (10000)")
     add("--version", action="version", version=f"trio_ws {__version__}")
     return parser
 

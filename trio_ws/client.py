@@ -47,11 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
 def describe(frame: dict[str, object]) -> str:
     kind = frame.get("type")
     if kind == "welcome":
-        return f"welcome: I am {frame['client_id']}, {frame['active_connections']} connected"
+        return (
+            f"welcome: I am {frame['client_id']} on instance {frame.get('instance')}, "
+            f"{frame['active_connections']} connected"
+        )
     if kind == "message":
-        return f"message #{frame['id']} from {frame['from']}: {frame['text']}"
+        return f"message {frame['id']} from {frame['from']}: {frame['text']}"
     if kind == "periodic":
-        return f"periodic #{frame['id']}: {frame['active_connections']} connected"
+        return f"periodic {frame['id']}: {frame['active_connections']} connected"
     if kind == "shutdown":
         return f"SHUTDOWN WARNING: {frame['reason']} (forced close in {frame['seconds_left']}s)"
     return f"unknown frame: {frame}"

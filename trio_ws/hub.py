@@ -1,9 +1,12 @@
 """The hub: the server's core, with no knowledge of Quart or Hypercorn.
 
-It owns the registry, numbers broadcast messages, and runs two sibling tasks in whatever nursery
-the host gives it: the periodic broadcaster (in its own cancel scope, cancelled when the drain
-starts) and the drain watcher (which waits for a drain request, warns every client, then runs
-:func:`trio_ws.drain.drain` under its ``move_on_after`` deadline). When the drain is over,
+It owns the registry and hands broadcasts to a broker (:mod:`trio_ws.broker`: in-process by
+default, Redis for a cluster), which numbers them and delivers every broadcast of the cluster back
+through :meth:`Hub.deliver`. It runs three sibling tasks in whatever nursery the host gives it:
+the broker, the periodic broadcaster (in its own cancel scope, cancelled when the drain starts)
+and the drain watcher (which waits for a drain request, warns every client, then runs
+:func:`trio_ws.drain.drain` under its ``move_on_after`` deadline). The broker keeps delivering
+the cluster's broadcasts to the clients still here until the drain is over; then
 :meth:`Hub.wait_stopped` returns, which is what the serving layer turns into "shut down now".
 
 Sync methods never block; only ``run`` and ``wait_*`` are async.
@@ -12,7 +15,6 @@ Sync methods never block; only ``run`` and ``wait_*`` are async.
 from __future__ import annotations
 
 import enum
-import itertools
 import logging
 import signal
 import time
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from trio_ws import protocol
+from trio_ws.broker import Broadcast, Broker, BrokerState, LocalBroker, Outgoing
 from trio_ws.drain import DrainOutcome, DrainPolicy, drain
 from trio_ws.protocol import CloseCode, Frame
 from trio_ws.registry import Connection, Registry
@@ -49,14 +52,23 @@ class HubState(enum.Enum):
 class Hub:
     """Connections, broadcasts, the periodic message and the drain."""
 
-    def __init__(self, settings: Settings, *, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        broker: Broker | None = None,
+        instance_id: str | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.registry = Registry()
+        #: Names this process in the welcome frame, /health and the cluster.
+        self.instance_id = instance_id if instance_id is not None else protocol.new_instance_id()
+        self.broker = broker if broker is not None else LocalBroker(wall_clock)
         self.policy = DrainPolicy(
             deadline_s=settings.drain_timeout, progress_every_s=settings.progress_interval
         )
         self._wall_clock = wall_clock
-        self._message_ids = itertools.count(1)
         self._messages_broadcast = 0
         self._refused = 0
         self._state = HubState.SERVING
@@ -82,7 +94,14 @@ class Hub:
         return self._state is not HubState.SERVING
 
     def is_ready(self) -> bool:
-        return self._state is HubState.SERVING
+        return self._state is HubState.SERVING and self.broker.state is BrokerState.UP
+
+    def not_ready_reason(self) -> str | None:
+        if self._state is not HubState.SERVING:
+            return "draining"
+        if self.broker.state is not BrokerState.UP:
+            return "broker unavailable"
+        return None
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -113,7 +132,10 @@ class Hub:
         connection.offer(
             Frame(
                 protocol.welcome_frame(
-                    client_id=client_id, active_connections=len(self.registry), ts=now
+                    client_id=client_id,
+                    active_connections=self.cluster_connections(),
+                    instance=self.instance_id,
+                    ts=now,
                 )
             )
         )
@@ -161,22 +183,43 @@ class Hub:
 
     # -- broadcasting --------------------------------------------------------------------------
 
-    def publish(self, sender: str, text: str) -> int:
-        """Broadcast a client's text to every client, the sender included; return deliveries."""
-        frame = protocol.message_frame(
-            message_id=next(self._message_ids), sender=sender, text=text, ts=self._wall_clock()
-        )
-        self._messages_broadcast += 1
-        return self.registry.broadcast(Frame(frame))
+    async def publish(self, sender: str, text: str) -> None:
+        """Broadcast a client's text to every client of the cluster, the sender included.
 
-    def broadcast_periodic(self) -> int:
-        frame = protocol.periodic_frame(
-            message_id=next(self._message_ids),
-            active_connections=len(self.registry),
-            ts=self._wall_clock(),
+        With the in-process broker the frames are queued before this returns; with Redis it
+        may wait while too many messages are on their way (backpressure on this sender only).
+        """
+        await self.broker.publish(Outgoing("message", self._wall_clock(), sender, text))
+
+    async def broadcast_periodic(self) -> None:
+        await self.broker.publish(
+            Outgoing("periodic", self._wall_clock(), active_connections=self.cluster_connections())
         )
+
+    def deliver(self, broadcast: Broadcast) -> None:
+        """Called by the broker for every broadcast of the cluster, in order: one JSON encoding,
+        then a fan-out to this process's clients that never waits for a socket."""
+        message = broadcast.message
+        if message.kind == "message":
+            text = protocol.message_frame(
+                message_id=broadcast.id, sender=message.sender, text=message.text, ts=message.ts
+            )
+        else:
+            text = protocol.periodic_frame(
+                message_id=broadcast.id,
+                active_connections=message.active_connections,
+                ts=message.ts,
+            )
         self._messages_broadcast += 1
-        return self.registry.broadcast(Frame(frame))
+        self.registry.broadcast(Frame(text))
+
+    def local_state(self) -> tuple[int, bool]:
+        return len(self.registry), self.draining
+
+    def cluster_connections(self) -> int:
+        """The cluster's connection count as last seen (this process's alone without one)."""
+        cluster = self.broker.cluster()
+        return len(self.registry) if cluster is None else max(cluster.connections, 0)
 
     # -- drain control -------------------------------------------------------------------------
 
@@ -217,12 +260,21 @@ class Hub:
     # -- the tasks -----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the periodic broadcaster and the drain watcher; return when the drain is over."""
+        """Run the broker, the periodic broadcaster and the drain watcher; return when the
+        drain is over.
+
+        Errors: :class:`trio_ws.broker.BrokerUnavailableError` before ``started`` if the broker
+        cannot be reached.
+        """
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.broker.run, self)
             periodic = trio.CancelScope()
             nursery.start_soon(self._broadcast_periodically, periodic)
             nursery.start_soon(self._watch_for_drain, periodic)
             task_status.started()
+            await self._stopped.wait()
+            await self.broker.leave()
+            nursery.cancel_scope.cancel()
 
     async def _broadcast_periodically(self, scope: trio.CancelScope) -> None:
         interval = self.settings.broadcast_interval
@@ -232,7 +284,11 @@ class Hub:
             next_at = trio.current_time() + interval
             while True:
                 await trio.sleep_until(next_at)
-                self.broadcast_periodic()
+                # One periodic message per interval for the whole cluster: the slot is the
+                # same in every process (wall clock), and the broker lets one of them send it.
+                slot = int(self._wall_clock() // interval)
+                if await self.broker.claim_periodic(slot, interval):
+                    await self.broadcast_periodic()
                 next_at += interval
 
     async def _watch_for_drain(self, periodic: trio.CancelScope) -> None:
@@ -271,9 +327,23 @@ class Hub:
         """What ``/health`` reports: the original design's fields plus drain progress."""
         now = self._wall_clock()
         stats = self.registry.statistics()
+        status = self._state.value
+        if self._state is HubState.SERVING:
+            status = "ok" if self.broker.state is BrokerState.UP else "degraded"
+        cluster = self.broker.cluster()
         report: dict[str, Any] = {
-            "status": "ok" if self._state is HubState.SERVING else self._state.value,
+            "status": status,
+            "instance": self.instance_id,
             "active_connections": stats.connections,
+            "cluster": None
+            if cluster is None
+            else {
+                "instances": cluster.instances,
+                "connections": cluster.connections,
+                "draining_instances": cluster.draining_instances,
+                "age_s": round(trio.current_time() - cluster.as_of, 3),
+            },
+            "broker": self.broker.health(),
             "shutdown_in_progress": self.draining,
             "timestamp": protocol.iso_time(now),
             "uptime_s": round(now - self._started_wall, 3),

@@ -111,11 +111,17 @@ def _encode(frame: dict[str, object]) -> str:
     return json.dumps(frame, separators=(",", ":"))
 
 
-def welcome_frame(*, client_id: str, active_connections: int, ts: float) -> str:
+def new_instance_id() -> str:
+    """Names one server process in frames, /health and the cluster."""
+    return secrets.token_hex(4)
+
+
+def welcome_frame(*, client_id: str, active_connections: int, instance: str, ts: float) -> str:
     return _encode(
         {
             "type": "welcome",
             "client_id": client_id,
+            "instance": instance,
             "active_connections": active_connections,
             "server_time": iso_time(ts),
             "ts": ts,
@@ -123,11 +129,11 @@ def welcome_frame(*, client_id: str, active_connections: int, ts: float) -> str:
     )
 
 
-def message_frame(*, message_id: int, sender: str, text: str, ts: float) -> str:
+def message_frame(*, message_id: str | None, sender: str, text: str, ts: float) -> str:
     return _encode({"type": "message", "id": message_id, "from": sender, "text": text, "ts": ts})
 
 
-def periodic_frame(*, message_id: int, active_connections: int, ts: float) -> str:
+def periodic_frame(*, message_id: str | None, active_connections: int, ts: float) -> str:
     return _encode(
         {"type": "periodic", "id": message_id, "active_connections": active_connections, "ts": ts}
     )

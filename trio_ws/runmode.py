@@ -168,10 +168,10 @@ def log_startup(mode: RunMode, settings: Settings, *, version: str) -> None:
             "close (signal the process group); run `python -m trio_ws` or "
             "`hypercorn --workers 0` to avoid both"
         )
-    if workers > 1:
+    if workers > 1 and settings.redis_url is None:
         LOGGER.warning(
             "%d Hypercorn workers without a broker: broadcasts reach only this worker's "
-            "clients; run one worker per process (or instance) until a broker is configured",
+            "clients; set TRIO_WS_REDIS_URL so that every worker shares every broadcast",
             workers,
         )
     if mode is RunMode.EMBEDDED:

@@ -25,7 +25,7 @@ from trio_ws.runmode import (
     on_signal,
 )
 from trio_ws.sockets import set_stall_timeout_on_listeners
-from trio_ws.web import create_app
+from trio_ws.web import create_app, create_broker
 
 if TYPE_CHECKING:
     from quart_trio import QuartTrio
@@ -81,7 +81,7 @@ async def serve(
     With ``handle_signals`` (the default; needs the main thread) SIGTERM and SIGINT are owned by
     this function for its whole life. Without it, call ``RunningServer.hub.request_drain``.
     """
-    hub = Hub(settings)
+    hub = Hub(settings, broker=create_broker(settings))
     app = create_app(settings, hub=hub, run_mode=RunMode.LAUNCHER)
     config = hypercorn_config(settings)
     finished = trio.Event()

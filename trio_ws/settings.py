@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +18,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
 ENV_PREFIX = "TRIO_WS_"
+
+_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -48,6 +52,13 @@ class Settings:
     log_level: str = "INFO"
     certfile: str | None = None
     keyfile: str | None = None
+    #: ``redis://[[user]:password@]host[:port][/db]`` (or ``rediss://``): broadcasts go through
+    #: Redis to every worker and instance. None: in-process, for one process.
+    redis_url: str | None = None
+    #: Prefix of every Redis key, so several trio_ws clusters can share one Redis.
+    redis_prefix: str = "trio_ws"
+    #: Broadcasts kept in the Redis Stream (approximately): the replay window after an outage.
+    redis_stream_maxlen: int = 10_000
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "a TCP port from 0 to 65535")
@@ -74,6 +85,25 @@ class Settings:
         _check(self.ping_interval >= 0, "ping_interval", self.ping_interval, "seconds >= 0")
         _check(self.stall_timeout >= 0, "stall_timeout", self.stall_timeout, "seconds >= 0")
         _check(self.log_level in LOG_LEVELS, "log_level", self.log_level, " or ".join(LOG_LEVELS))
+        _check(
+            self.redis_url is None
+            or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+            "redis_url",
+            self.redis_url,
+            "a redis://, rediss:// or unix:// URL",
+        )
+        _check(
+            _PREFIX_PATTERN.fullmatch(self.redis_prefix) is not None,
+            "redis_prefix",
+            self.redis_prefix,
+            "1-64 characters of A-Z a-z 0-9 _ . : -",
+        )
+        _check(
+            self.redis_stream_maxlen >= 100,
+            "redis_stream_maxlen",
+            self.redis_stream_maxlen,
+            "an integer >= 100",
+        )
         _check(
             (self.certfile is None) == (self.keyfile is None),
             "certfile",
@@ -115,12 +145,30 @@ class Settings:
             f"progress_interval={self.progress_interval:g}s "
             f"max_message_size={self.max_message_size} queue_size={self.queue_size} "
             f"ping_interval={self.ping_interval:g}s stall_timeout={self.stall_timeout:g}s "
-            f"log_level={self.log_level}"
+            f"log_level={self.log_level} broker={self.broker_description}"
         )
+
+    @property
+    def broker_description(self) -> str:
+        if self.redis_url is None:
+            return "in-process"
+        return f"redis ({redact_url(self.redis_url)}, prefix {self.redis_prefix})"
 
     @property
     def log_level_number(self) -> int:
         return logging.getLevelNamesMapping()[self.log_level]
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and ``/health``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{netloc}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _check(ok: bool, field: str, value: object, expected: str) -> None:
@@ -152,6 +200,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_level": _level,
     "certfile": str,
     "keyfile": str,
+    "redis_url": str,
+    "redis_prefix": str,
+    "redis_stream_maxlen": int,
 }
 
 

@@ -19,6 +19,7 @@ from quart import render_template, websocket
 from quart_trio import QuartTrio
 
 from trio_ws import __version__, runmode
+from trio_ws.broker import Broker, LocalBroker
 from trio_ws.hub import REFUSED_REASON, Hub, HubState
 from trio_ws.logs import configure_logging
 from trio_ws.protocol import ClientIdError, CloseCode
@@ -53,6 +54,19 @@ def tune_gc() -> None:
     LOGGER.info("garbage collector: startup objects frozen, thresholds %s", gc.get_threshold())
 
 
+def create_broker(settings: Settings) -> Broker:
+    """The broker the settings ask for: Redis with ``redis_url``, else in-process."""
+    if settings.redis_url is None:
+        return LocalBroker()
+    from trio_ws.redis_broker import RedisBroker
+
+    return RedisBroker(
+        settings.redis_url,
+        prefix=settings.redis_prefix,
+        stream_maxlen=settings.redis_stream_maxlen,
+    )
+
+
 def templates_dir() -> Path:
     """The page's folder: inside the package when installed, the repository's ``templates/``
     when running from a checkout (or an editable install)."""
@@ -75,7 +89,7 @@ def create_app(
     if settings is None:
         settings = Settings.from_env(os.environ)
     configure_logging(settings.log_level_number)
-    hub = hub if hub is not None else Hub(settings)
+    hub = hub if hub is not None else Hub(settings, broker=create_broker(settings))
     app = QuartTrio(__name__, template_folder=str(templates_dir()))
     app.extensions["trio_ws.hub"] = hub
     # No redirects: a WebSocket client cannot follow them, and every malformed client id
@@ -122,9 +136,10 @@ def create_app(
 
     @app.get("/ready")
     async def ready() -> tuple[dict[str, Any], int]:
-        if hub.is_ready():
+        reason = hub.not_ready_reason()
+        if reason is None:
             return {"ready": True}, 200
-        return {"ready": False, "reason": "draining"}, 503
+        return {"ready": False, "reason": reason}, 503
 
     # <path:...> and "/ws/" so that every malformed id ("", "a/b", "%2F") reaches the handler
     # and gets 1008 with a reason rather than an HTTP 404 at the handshake.
@@ -212,7 +227,7 @@ async def _read(ws: Any, connection: Connection, hub: Hub, max_size: int) -> Non
                 CloseCode.MESSAGE_TOO_BIG, f"message larger than {max_size} bytes"
             )
             return
-        hub.publish(connection.client_id, data)
+        await hub.publish(connection.client_id, data)
 
 
 async def _close(ws: Any, code: int, reason: str, who: str) -> None:

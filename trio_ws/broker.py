@@ -1,0 +1,175 @@
+"""Brokers: what carries a broadcast from the process that received it to every process.
+
+A broker takes :class:`Outgoing` messages (``publish``) and hands every broadcast of the whole
+cluster, each once and in one global order, to its ``deliver`` callback as a :class:`Broadcast`
+with the broker's id. The hub encodes the frame and fans it out to this process's clients.
+
+* :class:`LocalBroker` (the default) is one process's cluster: ``publish`` delivers at once, with
+  no task switch and no copy.
+* :class:`trio_ws.redis_broker.RedisBroker` carries broadcasts through a Redis Stream, for
+  several Hypercorn workers or instances.
+
+Ids look like Redis Stream ids in both: ``"<milliseconds>-<sequence>"``, increasing. Clients
+treat them as opaque strings. A message delivered while a Redis broker is unreachable has no
+broker id (``None``): it reaches this process's clients at once and the rest of the cluster when
+Redis is back.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import trio
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+Kind = Literal["message", "periodic"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A broadcast as published: a client's text, or the periodic server message."""
+
+    kind: Kind
+    ts: float
+    sender: str = ""
+    text: str = ""
+    #: For ``periodic``: the connection count it reports (the cluster's with a shared broker).
+    active_connections: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """A broadcast as delivered: an :class:`Outgoing` with the broker's id (None in an outage)."""
+
+    id: str | None
+    message: Outgoing
+
+
+class Member(Protocol):
+    """The process a broker serves (the hub)."""
+
+    #: Names this process in the cluster.
+    instance_id: str
+
+    def deliver(self, broadcast: Broadcast) -> None:
+        """Fan ``broadcast`` out to this process's clients. Sync: it never blocks."""
+
+    def local_state(self) -> tuple[int, bool]:
+        """This process's connection count, and whether it is draining."""
+
+
+class BrokerState(enum.Enum):
+    UP = "up"
+    DOWN = "down"
+
+
+class BrokerUnavailableError(RuntimeError):
+    """The broker cannot be reached when the server starts."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    """The cluster as last seen: live instances and their connections."""
+
+    instances: int
+    connections: int
+    draining_instances: int
+    #: trio clock time of the reading.
+    as_of: float
+
+
+class StreamIds:
+    """Ids in the Redis Stream format, increasing even if the wall clock steps back."""
+
+    def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
+        self._wall_clock = wall_clock
+        self._ms = 0
+        self._seq = -1
+
+    def next(self) -> str:
+        ms = int(self._wall_clock() * 1000)
+        if ms > self._ms:
+            self._ms, self._seq = ms, 0
+        else:
+            self._seq += 1
+        return f"{self._ms}-{self._seq}"
+
+
+def parse_stream_id(entry_id: str) -> tuple[int, int]:
+    """``"1795829403120-3"`` -> ``(1795829403120, 3)``, for comparing ids in order.
+
+    Errors: :class:`ValueError` for anything else.
+    """
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Broker(abc.ABC):
+    """The interface the hub uses. Sync methods never block."""
+
+    kind: str
+
+    @abc.abstractmethod
+    async def run(
+        self, member: Member, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Connect, report started, then hand every broadcast to ``member.deliver`` until
+        cancelled.
+
+        Errors: :class:`BrokerUnavailableError` if the broker cannot be reached at startup.
+        """
+
+    @abc.abstractmethod
+    async def publish(self, message: Outgoing) -> None:
+        """Send ``message`` to the whole cluster (this process included, through ``deliver``).
+
+        May wait while too many messages are on their way (backpressure on the sender).
+        """
+
+    async def claim_periodic(self, slot: int, interval: float) -> bool:
+        """Whether this process sends the periodic message of ``slot``: one for the cluster."""
+        return True
+
+    async def leave(self) -> None:  # noqa: B027  (a hook: nothing to do by default)
+        """The drain is over: stop counting this process in the cluster."""
+
+    @property
+    def state(self) -> BrokerState:
+        return BrokerState.UP
+
+    def cluster(self) -> ClusterView | None:
+        """The latest view of the cluster, or None if the broker does not share one."""
+        return None
+
+    def health(self) -> dict[str, Any]:
+        return {"kind": self.kind, "state": self.state.value}
+
+
+class LocalBroker(Broker):
+    """One process is the whole cluster: delivery happens inside ``publish``."""
+
+    kind = "local"
+
+    def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
+        self._ids = StreamIds(wall_clock)
+        self._deliver: Callable[[Broadcast], None] | None = None
+
+    async def run(
+        self, member: Member, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self._deliver = member.deliver
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def publish(self, message: Outgoing) -> None:
+        if self._deliver is None:
+            raise RuntimeError("LocalBroker.publish before run() started")
+        # No checkpoint: a client's message reaches every local client before its reader
+        # task next waits, exactly as a direct broadcast would.
+        self._deliver(Broadcast(self._ids.next(), message))
