@@ -31,7 +31,7 @@ class RedisServer:
         self.executable = executable
         self.port = port
         self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: trio.Process | None = None
         self.starts = 0
 
     @property
@@ -39,9 +39,9 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     async def start(self) -> None:
-        assert self.process is None or self.process.poll() is not None
+        assert self.process is None or self.process.returncode is not None
         self.starts += 1
-        self.process = subprocess.Popen(
+        self.process = await trio.lowlevel.open_process(
             [
                 self.executable,
                 "--port",
@@ -65,7 +65,7 @@ class RedisServer:
                 try:
                     stream = await trio.open_tcp_stream("127.0.0.1", self.port)
                 except OSError:
-                    assert self.process.poll() is None, "redis-server exited at startup"
+                    assert self.process.returncode is None, "redis-server exited at startup"
                     await trio.sleep(0.02)
                     continue
                 await stream.send_all(b"PING\r\n")
@@ -75,17 +75,18 @@ class RedisServer:
                     return
                 await trio.sleep(0.02)
 
-    def kill(self) -> None:
+    async def kill(self) -> None:
         """SIGKILL: a crash, with no goodbye to the clients."""
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
+        await self.process.wait()
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
-            self.process.wait()
+            with trio.move_on_after(5, shield=True):
+                await self.process.wait()
 
 
 def redis_executable() -> str:
@@ -105,4 +106,4 @@ async def redis_server(directory: str) -> AsyncIterator[RedisServer]:
     try:
         yield server
     finally:
-        server.stop()
+        await server.stop()

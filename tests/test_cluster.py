@@ -4,6 +4,7 @@ a Redis crash in the middle of a stream of broadcasts, a drain beside a serving 
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -114,7 +115,9 @@ async def test_two_instances_share_every_broadcast_once_in_one_order(
             assert await process.wait_exit() == 0
 
 
-async def wait_until_cluster(process: ServerProcess, *, connections: int, timeout: float = 10) -> None:
+async def wait_until_cluster(
+    process: ServerProcess, *, connections: int, timeout: float = 10
+) -> None:
     base = await process.base_url()
     with trio.fail_after(timeout):
         while True:
@@ -145,7 +148,7 @@ async def test_redis_killed_and_restarted_during_a_stream_loses_and_duplicates_n
 
             async def crash_redis() -> None:
                 await wait_until(lambda: len(everyone[2].messages) >= 60, timeout=10)
-                redis.kill()
+                await redis.kill()
                 # Clients of each process keep talking within it; /ready shows the outage.
                 await wait_until(lambda: one.count("broker: Redis at .* unreachable") >= 1)
                 status, body = await http_json(await one.base_url(), "/ready")
@@ -180,3 +183,109 @@ async def test_redis_killed_and_restarted_during_a_stream_loses_and_duplicates_n
         for process in (one, two):
             process.send(signal.SIGTERM)
             assert await process.wait_exit() == 0
+
+
+async def test_two_hypercorn_workers_share_broadcasts_and_drain_independently(
+    redis: RedisServer, nursery: trio.Nursery
+) -> None:
+    env = cluster_env(redis, TRIO_WS_DRAIN_TIMEOUT="60", TRIO_WS_PROGRESS_INTERVAL="1")
+    async with running(hypercorn("--workers", "2"), env) as server:
+        url = await server.ws_url()
+        pids = await worker_pids(server, 2)
+        assert len(pids) == 2
+        async with AsyncExitStack() as stack:
+            # Connect until both workers have two clients (the kernel picks the worker).
+            by_worker: dict[str, list[Client]] = {instance: [] for instance in pids}
+            opened = 0
+            while min(len(group) for group in by_worker.values()) < 2:
+                assert opened < 40, f"the kernel sent everything to one worker: {by_worker}"
+                ws = await stack.enter_async_context(open_websocket_url(f"{url}/c{opened}"))
+                client = Client(f"c{opened}", ws, await next_frame(ws))
+                opened += 1
+                if len(by_worker[client.welcome["instance"]]) < 2:
+                    by_worker[client.welcome["instance"]].append(client)
+                    nursery.start_soon(client.collect)
+                else:
+                    await ws.aclose()
+            (a, a_clients), (b, b_clients) = by_worker.items()
+            everyone = a_clients + b_clients
+            sent = []
+            for i in range(20):
+                text = f"w{i:02d}"
+                sent.append(text)
+                await everyone[i % 4].ws.send_message(text)
+            await wait_until(lambda: all(len(c.messages) >= 20 for c in everyone), timeout=10)
+            assert_everyone_got_everything_once_in_one_order(everyone, sent)
+
+            # Drain: both workers warn their clients and keep sharing broadcasts meanwhile.
+            server.send(signal.SIGTERM)
+            await b_clients[0].ws.send_message("during the drain")
+            await wait_until(lambda: "during the drain" in a_clients[1].texts, timeout=10)
+            # Worker A's clients leave: A exits; the parent then terminates B, which goes on
+            # draining (it owns SIGTERM) and serving its own clients.
+            for client in a_clients:
+                await client.ws.aclose()
+            await server.wait_for_line(rf"\[{pids[a]}\] trio_ws\.drain: drain finished")
+            await trio.sleep(0.5)
+            assert server.process.returncode is None
+            await b_clients[0].ws.send_message("after A left")
+            await wait_until(lambda: "after A left" in b_clients[1].texts, timeout=10)
+            for client in b_clients:
+                await client.ws.aclose()
+        assert await server.wait_exit(timeout=20) == 0
+        assert server.count(rf"\[{pids[b]}\] trio_ws\.drain: drain finished") == 1
+        assert server.count(r"Traceback") == 0
+
+
+async def worker_pids(server: ServerProcess, workers: int) -> dict[str, int]:
+    """Instance id -> PID of each worker, from the broker's startup line."""
+    pattern = r"\[(\d+)\] trio_ws\.redis_broker: broker: Redis at .* instance (\w+);"
+    await wait_until(lambda: server.count(pattern) >= workers, timeout=20)
+    found = (re.search(pattern, line) for line in server.lines)
+    return {match.group(2): int(match.group(1)) for match in found if match}
+
+
+async def test_an_instance_drains_while_the_other_keeps_serving(
+    redis: RedisServer, nursery: trio.Nursery
+) -> None:
+    env = cluster_env(redis)
+    async with running(LAUNCHER, env) as one, running(LAUNCHER, env) as two:
+        urls = [await one.ws_url(), await two.ws_url()]
+        async with clients(nursery, urls, ["stays-on-one", "on-two"]) as (staying, other):
+            await wait_until_cluster(two, connections=2)
+            one.send(signal.SIGTERM)
+            await one.wait_for_line(r"drain: warned 1 clients")
+            # The draining instance still delivers the cluster's broadcasts to its client.
+            await other.ws.send_message("from two, during one's drain")
+            await wait_until(lambda: staying.texts == ["from two, during one's drain"])
+            await staying.ws.send_message("from one's last client")
+            await wait_until(lambda: "from one's last client" in other.texts)
+            status, _ = await http_json(await one.base_url(), "/ready")
+            assert status == 503
+            status, _ = await http_json(await two.base_url(), "/ready")
+            assert status == 200
+            _, health = await http_json(await two.base_url(), "/health")
+            await wait_until_cluster(two, connections=2)
+            # The serving instance takes new clients, draining one refuses them with 1001.
+            async with open_websocket_url(urls[0] + "/late") as late:
+                assert (await close_code(late))[0] == 1001
+            async with open_websocket_url(urls[1] + "/newcomer") as newcomer:
+                assert (await next_frame(newcomer))["type"] == "welcome"
+            await staying.ws.aclose()
+            assert await one.wait_exit() == 0
+            # One left the cluster at once (no wait for its entry to expire).
+            await wait_until_cluster(two, connections=1, timeout=5)
+            _, health = await http_json(await two.base_url(), "/health")
+            assert health["cluster"]["instances"] == 1
+        two.send(signal.SIGTERM)
+        assert await two.wait_exit() == 0
+
+
+async def test_unreachable_redis_at_startup_is_one_clear_error(redis: RedisServer) -> None:
+    await redis.kill()
+    env = cluster_env(redis, TRIO_WS_REDIS_URL=f"redis://:secret@127.0.0.1:{redis.port}/0")
+    async with running(LAUNCHER, env, ready=False) as server:
+        assert await server.wait_exit(timeout=20) == 1
+    assert f"cannot reach Redis at redis://:***@127.0.0.1:{redis.port}/0" in server.log
+    assert "secret" not in server.log
+    assert "Traceback" not in server.log

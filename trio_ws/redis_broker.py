@@ -140,8 +140,12 @@ class RedisBroker(Broker):
         stream_maxlen: int = 10_000,
         pending_limit: int = 10_000,
         connect_timeout: float = COMMAND_TIMEOUT_S,
+        heartbeat_s: float = HEARTBEAT_S,
+        instance_ttl_s: float = INSTANCE_TTL_S,
     ) -> None:
         self.url = url
+        self._heartbeat_s = heartbeat_s
+        self._instance_ttl_s = instance_ttl_s
         self._connect_timeout = connect_timeout
         self._client: coredis.Redis[str] = coredis.Redis.from_url(
             url,
@@ -297,7 +301,7 @@ class RedisBroker(Broker):
                 LOGGER.info(
                     "broker: could not leave the cluster (%s); the entry expires in %gs",
                     _describe(error),
-                    INSTANCE_TTL_S,
+                    self._instance_ttl_s,
                 )
 
     def health(self) -> dict[str, Any]:
@@ -516,7 +520,7 @@ class RedisBroker(Broker):
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await trio.sleep(HEARTBEAT_S)
+            await trio.sleep(self._heartbeat_s)
             await self._up.wait()
             try:
                 await self._heartbeat()
@@ -539,7 +543,7 @@ class RedisBroker(Broker):
             pipe.set(
                 self._instance_prefix + member.instance_id,
                 info,
-                px=int(INSTANCE_TTL_S * 1000),
+                px=int(self._instance_ttl_s * 1000),
             )
             pipe.sadd(self._instances_key, [member.instance_id])
             members_request = pipe.smembers(self._instances_key)

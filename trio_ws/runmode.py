@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -131,6 +131,21 @@ def on_signal(hub: Hub, signum: int) -> None:
         LOGGER.warning("SIGINT after the drain: exiting now, without waiting for sockets")
         os._exit(130)
     hub.handle_signal(signum)
+
+
+#: Exit status when the server cannot start (an unreachable broker), as for a port in use.
+EXIT_STARTUP_FAILED = 1
+
+
+def exit_at_startup(reason: str) -> NoReturn:
+    """Stop the process before it serves anyone: one log line, exit status 1.
+
+    A hard exit, because an exception in the lifespan startup is logged by Quart with a
+    traceback and then Hypercorn serves anyway, without the broker.
+    """
+    LOGGER.error("cannot start: %s", reason)
+    logging.shutdown()
+    os._exit(EXIT_STARTUP_FAILED)
 
 
 def exit_watchdog_s(settings: Settings) -> float:

@@ -19,7 +19,7 @@ from quart import render_template, websocket
 from quart_trio import QuartTrio
 
 from trio_ws import __version__, runmode
-from trio_ws.broker import Broker, LocalBroker
+from trio_ws.broker import Broker, BrokerUnavailableError, LocalBroker
 from trio_ws.hub import REFUSED_REASON, Hub, HubState
 from trio_ws.logs import configure_logging
 from trio_ws.protocol import ClientIdError, CloseCode
@@ -107,7 +107,12 @@ def create_app(
             tuned = set_stall_timeout_on_listeners(settings.stall_timeout)
             LOGGER.info("TCP_USER_TIMEOUT %gs set on %d listeners", settings.stall_timeout, tuned)
         tune_gc()
-        await app.nursery.start(hub.run)
+        try:
+            await app.nursery.start(hub.run)
+        except* BrokerUnavailableError as group:
+            if mode is RunMode.EMBEDDED:
+                raise
+            runmode.exit_at_startup(str(group.exceptions[0]))
         if mode in (RunMode.HYPERCORN_WORKER, RunMode.HYPERCORN_INPROCESS):
             app.nursery.start_soon(runmode.own_signals, hub, mode)
             app.nursery.start_soon(runmode.exit_watchdog, hub, runmode.exit_watchdog_s(settings))

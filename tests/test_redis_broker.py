@@ -1,0 +1,187 @@
+"""The Redis broker in one trio run: several hubs (as several processes would have), one real
+redis-server, no sockets to clients (frames are read from the connections' outboxes)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import coredis
+import pytest
+import trio
+
+from tests.redisutil import RedisServer, redis_server
+from tests.wsutil import wait_until
+from trio_ws.broker import BrokerState, Outgoing
+from trio_ws.hub import Hub
+from trio_ws.redis_broker import RedisBroker, decode_entry, encode_entry
+from trio_ws.registry import Connection
+from trio_ws.settings import Settings, redact_url
+
+
+@pytest.fixture
+async def redis(tmp_path: Any) -> AsyncIterator[RedisServer]:
+    async with redis_server(str(tmp_path)) as server:
+        yield server
+
+
+def make_hub(redis: RedisServer, name: str, **broker_options: Any) -> Hub:
+    settings = Settings(queue_size=100_000, broadcast_interval=0, redis_url=redis.url)
+    broker = RedisBroker(redis.url, **broker_options)
+    return Hub(settings, broker=broker, instance_id=name)
+
+
+def received(connection: Connection) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    while True:
+        try:
+            frame = json.loads(connection.outbox.receive_nowait().text)
+        except trio.WouldBlock:
+            return out
+        if frame["type"] in ("message", "periodic"):
+            out.append(frame)
+
+
+def test_entries_round_trip_and_urls_hide_passwords() -> None:
+    message = Outgoing("message", 1.5, sender="a", text='x "y"\n')
+    assert decode_entry(encode_entry("i1", 7, message)) == ("i1", 7, message)
+    periodic = Outgoing("periodic", 2.0, active_connections=5)
+    assert decode_entry(encode_entry("i2", 1, periodic)) == ("i2", 1, periodic)
+    with pytest.raises(KeyError):
+        decode_entry({"some": "entry"})
+    assert redact_url("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
+    assert redact_url("redis://:pw@h/0") == "redis://:***@h/0"
+    assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+async def test_connections_killed_repeatedly_lose_and_duplicate_nothing(
+    redis: RedisServer,
+) -> None:
+    """Redis stays up (the stream survives), but the brokers' connections are cut again and
+    again while both hubs publish: replay from the last id and re-sending what was in flight
+    must give every client every message once, in one order."""
+    hubs = [make_hub(redis, "one"), make_hub(redis, "two")]
+    conns = [hub.connect(f"c-{hub.instance_id}", "p") for hub in hubs]
+    per_hub = 300
+    async with trio.open_nursery() as nursery:
+        for hub in hubs:
+            await nursery.start(hub.run)
+        admin = coredis.Redis.from_url(redis.url, decode_responses=True)
+        async with admin:
+
+            async def publish(hub: Hub) -> None:
+                for i in range(per_hub):
+                    await hub.publish(hub.instance_id, f"{hub.instance_id}:{i:04d}")
+                    if i % 10 == 0:
+                        await trio.sleep(0.005)
+
+            async def cut_connections() -> None:
+                for _ in range(8):
+                    await trio.sleep(0.05)
+                    await admin.client_kill(type_=coredis.PureToken.NORMAL)
+
+            async with trio.open_nursery() as inner:
+                for hub in hubs:
+                    inner.start_soon(publish, hub)
+                inner.start_soon(cut_connections)
+            frames: list[list[dict[str, Any]]] = [[] for _ in hubs]
+
+            def all_arrived() -> bool:
+                for got, conn in zip(frames, conns, strict=True):
+                    got.extend(received(conn))
+                return all(len(got) >= 2 * per_hub for got in frames)
+
+            await wait_until(all_arrived, timeout=20)
+            await trio.sleep(0.3)
+            all_arrived()
+        outages = sum(hub.broker.health()["outages"] for hub in hubs)
+        assert outages >= 1, "the test did not cut any connection"
+        expected = sorted(f"{h.instance_id}:{i:04d}" for h in hubs for i in range(per_hub))
+        for got in frames:
+            texts = [f["text"] for f in got]
+            assert sorted(texts) == expected  # nothing lost, nothing twice
+        nursery.cancel_scope.cancel()
+
+
+async def test_one_periodic_message_per_interval_for_the_whole_cluster(
+    redis: RedisServer,
+) -> None:
+    interval = 0.25
+    hubs = []
+    for name in ("one", "two", "three"):
+        settings = Settings(broadcast_interval=interval, redis_url=redis.url)
+        hubs.append(Hub(settings, broker=RedisBroker(redis.url), instance_id=name))
+    conns = [hub.connect(f"c-{hub.instance_id}", "p") for hub in hubs]
+    async with trio.open_nursery() as nursery:
+        for hub in hubs:
+            await nursery.start(hub.run)
+        started = trio.current_time()
+        await trio.sleep(10 * interval + 0.1)
+        elapsed = trio.current_time() - started
+        got = [received(conn) for conn in conns]
+        nursery.cancel_scope.cancel()
+    # The same periodic frames (same ids) everywhere, about one per interval, not three.
+    assert got[0] == got[1] == got[2]
+    assert all(frame["type"] == "periodic" for frame in got[0])
+    assert 8 <= len(got[0]) <= elapsed / interval + 1
+    # Each reports the cluster's connections (3), not one process's (1), once counted.
+    assert got[0][-1]["active_connections"] == 3
+
+
+async def test_a_crashed_process_drops_out_of_the_cluster_count(redis: RedisServer) -> None:
+    options = {"heartbeat_s": 0.05, "instance_ttl_s": 0.3}
+    survivor, crashed = (
+        make_hub(redis, "survivor", **options),
+        make_hub(redis, "crashed", **options),
+    )
+    survivor.connect("a", "p")
+    for name in ("b", "c"):
+        crashed.connect(name, "p")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(survivor.run)
+        crashed_scope = trio.CancelScope()
+
+        async def run_until_crash() -> None:
+            with crashed_scope:
+                await crashed.run()
+
+        nursery.start_soon(run_until_crash)
+        await wait_until(lambda: survivor.cluster_connections() == 3)
+        # Cancelled without leaving the cluster: as if the process was killed.
+        crashed_scope.cancel()
+        cluster = survivor.broker.cluster()
+        assert cluster is not None
+        assert cluster.instances == 2
+        await wait_until(lambda: survivor.cluster_connections() == 1, timeout=3)
+        assert survivor.health()["cluster"]["instances"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_publishing_during_an_outage_reaches_local_clients_at_once(
+    redis: RedisServer,
+) -> None:
+    hub = make_hub(redis, "solo")
+    conn = hub.connect("a", "p")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        await redis.kill()
+        await wait_until(lambda: hub.broker.state is BrokerState.DOWN, timeout=10)
+        assert hub.not_ready_reason() == "broker unavailable"
+        await hub.publish("a", "while Redis is down")
+        frames = received(conn)
+        assert [(f["id"], f["text"]) for f in frames] == [(None, "while Redis is down")]
+        await redis.start()
+        await wait_until(lambda: hub.broker.state is BrokerState.UP, timeout=10)
+        assert hub.is_ready()
+        await hub.publish("a", "after")
+
+        def both_arrived() -> bool:
+            frames.extend(received(conn))
+            return len(frames) >= 2
+
+        await wait_until(both_arrived)
+        # Its own outage message came back through the new stream and was not delivered twice.
+        assert [f["text"] for f in frames] == ["while Redis is down", "after"]
+        assert frames[1]["id"] is not None
+        nursery.cancel_scope.cancel()
