@@ -2,6 +2,11 @@
 
     python bench/run.py                      # every server, every scenario, 3 runs each
     python bench/run.py --servers trio_ws --scenarios fanout100 --runs 1
+    python bench/run.py --servers trio_ws trio_ws+redis --scenarios fanout1000 cluster1000
+
+``trio_ws+redis`` is trio_ws with its Redis broker (a redis-server this script starts on a free
+port); ``cluster1000`` runs two such instances, the publisher on one and the receivers split
+over both, and adds up both servers' CPU (Redis's own CPU is reported apart).
 
 Each figure is the median of ``--runs`` runs, with min and max. Server CPU is read from
 ``/proc/<pid>/stat`` (user + system time) around the measured phase and divided by the
@@ -12,6 +17,7 @@ generator's own CPU is reported too, so one can see it is not the bottleneck.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import socket
@@ -43,6 +49,10 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+#: ``ServerKind.env`` values equal to this are replaced with the shared Redis's URL.
+REDIS_URL = "{redis}"
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,17 @@ SERVERS = {
             "TRIO_WS_DRAIN_TIMEOUT": "0",
         },
     ),
+    "trio_ws+redis": ServerKind(
+        "trio_ws+redis",
+        lambda port: [sys.executable, "-m", "trio_ws", "--port", str(port)],
+        {
+            "TRIO_WS_PING_INTERVAL": "0",
+            "TRIO_WS_BROADCAST_INTERVAL": "0",
+            "TRIO_WS_LOG_LEVEL": "WARNING",
+            "TRIO_WS_DRAIN_TIMEOUT": "0",
+            "TRIO_WS_REDIS_URL": REDIS_URL,
+        },
+    ),
     "fastapi+uvicorn": ServerKind(
         "fastapi+uvicorn",
         lambda port: [
@@ -112,14 +133,64 @@ SERVERS = {
 }
 
 
+_redis: subprocess.Popen[bytes] | None = None
+_redis_port = 0
+
+
+def shared_redis() -> int:
+    """The port of the one redis-server this run uses (started on first use, nothing on disk)."""
+    global _redis, _redis_port
+    if _redis is None:
+        _redis_port = free_port()
+        _redis = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(_redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--logfile",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        atexit.register(_redis.kill)
+        wait_for_port(_redis_port, _redis, "redis-server")
+    return _redis_port
+
+
+def redis_cpu_s() -> float:
+    return process_cpu_s(_redis.pid) if _redis is not None else 0.0
+
+
+def process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], name: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"{name} did not start") from None
+            time.sleep(0.05)
+
+
 @dataclass
 class Server:
     process: subprocess.Popen[bytes]
     port: int
 
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return process_cpu_s(self.process.pid)
 
     def memory_kb(self, field: str = "VmRSS") -> int:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -131,23 +202,19 @@ class Server:
 @contextmanager
 def running(kind: ServerKind) -> Iterator[Server]:
     port = free_port()
+    env = {
+        key: f"redis://127.0.0.1:{shared_redis()}/0" if value == REDIS_URL else value
+        for key, value in kind.env.items()
+    }
     process = subprocess.Popen(
         kind.argv(port),
         cwd=ROOT,
-        env={**os.environ, **kind.env},
+        env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError(f"{kind.name} did not start") from None
-                time.sleep(0.05)
+        wait_for_port(port, process, kind.name)
         yield Server(process, port)
     finally:
         process.kill()
@@ -155,7 +222,7 @@ def running(kind: ServerKind) -> Iterator[Server]:
 
 
 def start_receivers(
-    server: Server, total: int, expect: int, processes: int
+    server: Server, total: int, expect: int, processes: int, prefix: str = ""
 ) -> list[subprocess.Popen[str]]:
     procs = []
     per = [total // processes + (1 if i < total % processes else 0) for i in range(processes)]
@@ -172,7 +239,7 @@ def start_receivers(
                     "--expect",
                     str(expect),
                     "--prefix",
-                    f"p{i}-",
+                    f"{prefix}p{i}-",
                     "--timeout",
                     "120",
                 ],
@@ -236,6 +303,36 @@ def fanout(
         cpu = server.cpu_s() - cpu0
         publisher.close()
     return summarize(results, messages, started, cpu)
+
+
+def fanout_cluster(
+    kind: ServerKind, receivers: int, messages: int, window: int = 16, size: int = 64
+) -> dict[str, Any]:
+    """``fanout`` across two instances: the publisher on the first, receivers split over both.
+
+    Server CPU is both instances' together; Redis's CPU is reported apart.
+    """
+    with running(kind) as first, running(kind) as second:
+        procs = start_receivers(first, receivers // 2, messages, processes=1, prefix="a")
+        procs += start_receivers(second, receivers - receivers // 2, messages, 1, prefix="b")
+        publisher = Publisher("127.0.0.1", first.port, "/ws/publisher")
+        cpu0 = first.cpu_s() + second.cpu_s()
+        redis0 = redis_cpu_s()
+        started = time.monotonic_ns()
+        for seq in range(1, messages + 1):
+            if seq > window:
+                publisher.wait_echo(seq - window)
+            publisher.send(seq, size)
+        publisher.wait_echo(messages)
+        results = collect(procs)
+        cpu = first.cpu_s() + second.cpu_s() - cpu0
+        redis_cpu = redis_cpu_s() - redis0
+        publisher.close()
+    summary = summarize(results, messages, started, cpu)
+    deliveries = sum(r["received"] for r in results) + messages
+    summary["redis_cpu_us_per_message"] = round(redis_cpu / messages * 1e6, 2)
+    summary["redis_cpu_us_per_delivery"] = round(redis_cpu / deliveries * 1e6, 3)
+    return summary
 
 
 def fixed_rate(
@@ -357,7 +454,7 @@ def slow_client(
 
 
 #: The servers a plain run compares (the floors only make sense with idle5000).
-BROADCASTERS = ["trio_ws", "fastapi+uvicorn", "websockets"]
+BROADCASTERS = ["trio_ws", "trio_ws+redis", "fastapi+uvicorn", "websockets"]
 
 SCENARIOS: dict[str, Callable[[ServerKind], dict[str, Any]]] = {
     "fanout100": lambda kind: fanout(kind, 100, 3000),
@@ -365,7 +462,12 @@ SCENARIOS: dict[str, Callable[[ServerKind], dict[str, Any]]] = {
     "rate1000x20": lambda kind: fixed_rate(kind),
     "idle5000": lambda kind: idle_connections(kind),
     "slow_client": lambda kind: slow_client(kind),
+    "cluster1000": lambda kind: fanout_cluster(kind, 1000, 500),
 }
+
+#: Scenarios that need a broker: run only with the servers that have one.
+CLUSTER_SCENARIOS = {"cluster1000"}
+WITH_BROKER = {"trio_ws+redis"}
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -386,6 +488,7 @@ HEADLINES = {
     "rate1000x20": ["latency_p50_ms", "latency_p99_ms", "server_cpu_us_per_delivery", "lost"],
     "idle5000": ["rss_kb_per_connection", "connect_p99_ms"],
     "slow_client": ["healthy_rate_ratio", "peak_rss_mb", "lost", "healthy_closed_by_server"],
+    "cluster1000": ["server_cpu_us_per_delivery", "latency_p99_ms", "lost", "duplicates"],
 }
 
 
@@ -417,6 +520,8 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     for scenario in args.scenarios:
         for name in args.servers:
+            if scenario in CLUSTER_SCENARIOS and name not in WITH_BROKER:
+                continue
             runs = [SCENARIOS[scenario](SERVERS[name]) for _ in range(args.runs)]
             results.setdefault(scenario, {})[name] = aggregate(runs)
             print(

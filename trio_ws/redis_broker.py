@@ -291,6 +291,8 @@ class RedisBroker(Broker):
 
     async def leave(self) -> None:
         member = self._require_member()
+        if self._state is BrokerState.DOWN:
+            return  # the entry expires by itself; do not hold the exit for a timeout
         with trio.move_on_after(COMMAND_TIMEOUT_S, shield=True):
             try:
                 async with self._client.pipeline(transaction=False) as pipe:
