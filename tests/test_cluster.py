@@ -235,6 +235,7 @@ async def test_two_hypercorn_workers_share_broadcasts_and_drain_independently(
         assert await server.wait_exit(timeout=20) == 0
         assert server.count(rf"\[{pids[b]}\] trio_ws\.drain: drain finished") == 1
         assert server.count(r"Traceback") == 0
+        assert server.count(r"without a broker") == 0  # the multi-worker warning is for no broker
 
 
 async def worker_pids(server: ServerProcess, workers: int) -> dict[str, int]:

@@ -4,6 +4,7 @@ redis-server, no sockets to clients (frames are read from the connections' outbo
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -184,4 +185,22 @@ async def test_publishing_during_an_outage_reaches_local_clients_at_once(
         # Its own outage message came back through the new stream and was not delivered twice.
         assert [f["text"] for f in frames] == ["while Redis is down", "after"]
         assert frames[1]["id"] is not None
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_frozen_redis_is_noticed_by_the_command_timeout(redis: RedisServer) -> None:
+    """SIGSTOP: the connection stays open but nothing answers, as with a half-open connection."""
+    hub = make_hub(redis, "solo", command_timeout=0.5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        assert redis.process is not None
+        redis.process.send_signal(signal.SIGSTOP)
+        try:
+            frozen_at = trio.current_time()
+            await wait_until(lambda: hub.broker.state is BrokerState.DOWN, timeout=10)
+            # The blocking read's own 1 s plus the 0.5 s timeout, with scheduling slack.
+            assert trio.current_time() - frozen_at < 4
+        finally:
+            redis.process.send_signal(signal.SIGCONT)
+        await wait_until(lambda: hub.broker.state is BrokerState.UP, timeout=10)
         nursery.cancel_scope.cancel()

@@ -140,6 +140,7 @@ class RedisBroker(Broker):
         stream_maxlen: int = 10_000,
         pending_limit: int = 10_000,
         connect_timeout: float = COMMAND_TIMEOUT_S,
+        command_timeout: float = COMMAND_TIMEOUT_S,
         heartbeat_s: float = HEARTBEAT_S,
         instance_ttl_s: float = INSTANCE_TTL_S,
     ) -> None:
@@ -152,7 +153,7 @@ class RedisBroker(Broker):
             decode_responses=True,
             retry_policy=NoRetryPolicy(),
             connect_timeout=connect_timeout,
-            stream_timeout=BLOCK_MS / 1000 + COMMAND_TIMEOUT_S,
+            stream_timeout=BLOCK_MS / 1000 + command_timeout,
         )
         self.stream = f"{prefix}:broadcasts"
         self._instances_key = f"{prefix}:instances"
