@@ -290,3 +290,48 @@ async def test_unreachable_redis_at_startup_is_one_clear_error(redis: RedisServe
     assert f"cannot reach Redis at redis://:***@127.0.0.1:{redis.port}/0" in server.log
     assert "secret" not in server.log
     assert "Traceback" not in server.log
+
+
+async def test_a_client_drained_off_one_instance_resumes_on_another_and_loses_nothing(
+    redis: RedisServer, nursery: trio.Nursery
+) -> None:
+    """The deploy story end to end: warned by the draining instance, the client leaves,
+    reconnects to the other with the last id it saw, and gets every broadcast it missed."""
+    env = cluster_env(redis)
+    async with running(LAUNCHER, env) as old, running(LAUNCHER, env) as new:
+        urls = [await old.ws_url(), await new.ws_url()]
+        async with clients(nursery, [urls[1]], ["publisher"]) as (publisher,):
+            sent: list[str] = []
+
+            async def publish(count: int) -> None:
+                for _ in range(count):
+                    sent.append(f"n{len(sent):03d}")
+                    await publisher.ws.send_message(sent[-1])
+                    await trio.sleep(0.005)
+
+            received: list[dict[str, Any]] = []
+            async with open_websocket_url(urls[0] + "/mover") as ws:
+                await next_frame(ws)
+                await publish(20)
+                while len(received) < 20:
+                    frame = await next_frame(ws)
+                    if frame["type"] == "message":
+                        received.append(frame)
+                old.send(signal.SIGTERM)
+                while (frame := await next_frame(ws))["type"] != "shutdown":
+                    received.append(frame)
+            # Away: the cluster goes on talking.
+            await publish(30)
+            last_seen = received[-1]["id"]
+            async with open_websocket_url(f"{urls[1]}/mover?since={last_seen}") as ws:
+                welcome = await next_frame(ws)
+                assert welcome["instance"] == publisher.welcome["instance"]
+                assert welcome["resumed"]["complete"] is True
+                assert welcome["resumed"]["replayed"] == 30
+                await publish(10)
+                while len(received) < 60:
+                    received.append(await next_frame(ws))
+            assert [f["text"] for f in received] == sent  # all 60, once, in order
+            assert await old.wait_exit() == 0
+        new.send(signal.SIGTERM)
+        assert await new.wait_exit() == 0

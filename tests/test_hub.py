@@ -11,6 +11,7 @@ import pytest
 import trio
 import trio.testing
 
+from trio_ws.broker import LocalBroker
 from trio_ws.hub import Hub, HubState
 from trio_ws.protocol import ClientIdError, CloseCode
 from trio_ws.registry import Connection
@@ -41,6 +42,7 @@ def test_connect_queues_a_welcome_first() -> None:
             "client_id": "alice",
             "instance": "i1",
             "active_connections": 1,
+            "last_id": None,
             "server_time": "1970-01-01T00:16:40.000Z",
             "ts": 1000.0,
         }
@@ -197,3 +199,38 @@ def test_connect_while_draining_is_a_programming_error() -> None:
     hub.request_drain("test")
     with pytest.raises(RuntimeError, match="refuse the connection with 1001"):
         hub.connect("a", "p")
+
+
+async def test_a_resuming_client_gets_what_it_missed_then_live_broadcasts() -> None:
+    hub = Hub(Settings(queue_size=8), instance_id="i1", broker=LocalBroker(history_size=8))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        first = hub.connect("first", "p")
+        for text in ("one", "two", "three"):
+            await hub.publish("first", text)
+        seen = frames(first)
+        assert seen[0]["last_id"] is None  # nothing broadcast before it connected
+        since = seen[1]["id"]  # it saw "one", then lost its connection
+        back = hub.connect("back", "p", resuming=True)
+        assert frames(back) == []  # nothing before the welcome
+        await hub.resume(back, since)
+        await hub.publish("first", "four")
+        got = frames(back)
+        assert got[0]["type"] == "welcome"
+        assert got[0]["resumed"] == {"since": since, "replayed": 2, "complete": True}
+        assert got[0]["last_id"] == seen[-1]["id"]
+        assert [f["text"] for f in got[1:]] == ["two", "three", "four"]
+        assert [f["id"] for f in got[1:3]] == [f["id"] for f in seen[2:]]
+
+        # More than half a queue missed, or an id from before the history: incomplete.
+        for i in range(6):
+            await hub.publish("first", f"more {i}")
+        late = hub.connect("late", "p", resuming=True)
+        await hub.resume(late, since)
+        welcome, *replayed = frames(late)
+        assert welcome["resumed"]["complete"] is False
+        assert [f["text"] for f in replayed] == ["more 2", "more 3", "more 4", "more 5"]
+        old = hub.connect("old", "p", resuming=True)
+        await hub.resume(old, "1-0")
+        assert frames(old)[0]["resumed"]["complete"] is False
+        nursery.cancel_scope.cancel()

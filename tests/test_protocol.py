@@ -35,12 +35,15 @@ def test_server_assigned_ids_are_valid_and_distinct() -> None:
 
 def test_frames() -> None:
     ts = 1_800_000_000.25
-    welcome = protocol.welcome_frame(client_id="a", active_connections=3, instance="i1", ts=ts)
+    welcome = protocol.welcome_frame(
+        client_id="a", active_connections=3, instance="i1", last_id="5-0", ts=ts
+    )
     assert json.loads(welcome) == {
         "type": "welcome",
         "client_id": "a",
         "instance": "i1",
         "active_connections": 3,
+        "last_id": "5-0",
         "server_time": "2027-01-15T08:00:00.250Z",
         "ts": ts,
     }

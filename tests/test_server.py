@@ -573,3 +573,32 @@ async def test_websocket_over_http2_stays_inside_http2_frames(server: RunningSer
     assert data.startswith(b"\x81")  # a WebSocket text frame, inside HTTP/2 DATA
     assert server.hub.registry.get("h2client").writer == "quart"  # type: ignore[union-attr]
     sock.close()
+
+
+async def test_a_client_resumes_with_since_and_misses_nothing(server: RunningServer) -> None:
+    async with open_websocket_url(server.ws_url + "/stays") as stays:
+        await next_frame(stays)
+        async with open_websocket_url(server.ws_url + "/leaves") as leaves:
+            await next_frame(leaves)
+            await stays.send_message("before")
+            last_seen = (await next_frame(leaves))["id"]
+            await next_frame(stays)
+        for text in ("while away 1", "while away 2"):
+            await stays.send_message(text)
+            await next_frame(stays)
+        async with open_websocket_url(f"{server.ws_url}/leaves?since={last_seen}") as back:
+            welcome = await next_frame(back)
+            assert welcome["resumed"] == {"since": last_seen, "replayed": 2, "complete": True}
+            await stays.send_message("live")
+            texts = [(await next_frame(back))["text"] for _ in range(3)]
+            assert texts == ["while away 1", "while away 2", "live"]
+
+
+@pytest.mark.parametrize("since", ["yesterday", "1-2-3", "-1", "1" * 30 + "-0"])
+async def test_a_bad_since_is_closed_with_1008(server: RunningServer, since: str) -> None:
+    async with open_websocket_url(f"{server.ws_url}/a?since={since}") as ws:
+        code, reason = await close_code(ws)
+        assert code == 1008
+        assert reason is not None
+        assert "since must be a message id" in reason
+    await wait_until(lambda: len(server.hub.registry) == 0)

@@ -18,12 +18,15 @@ Redis is back.
 from __future__ import annotations
 
 import abc
+import collections
 import enum
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import trio
+
+from trio_ws.protocol import parse_message_id
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -64,6 +67,16 @@ class Member(Protocol):
         """This process's connection count, and whether it is draining."""
 
 
+@dataclass(frozen=True, slots=True)
+class History:
+    """Broadcasts after a client's last seen id, oldest first, for a resuming client."""
+
+    broadcasts: list[Broadcast]
+    #: False if some broadcasts after that id are no longer kept, or could not be read: the
+    #: client has missed something it cannot get back.
+    complete: bool
+
+
 class BrokerState(enum.Enum):
     UP = "up"
     DOWN = "down"
@@ -92,22 +105,18 @@ class StreamIds:
         self._ms = 0
         self._seq = -1
 
-    def next(self) -> str:
+    def next(self) -> tuple[str, tuple[int, int]]:
+        """The next id, as text and as the pair that orders it."""
         ms = int(self._wall_clock() * 1000)
         if ms > self._ms:
             self._ms, self._seq = ms, 0
         else:
             self._seq += 1
-        return f"{self._ms}-{self._seq}"
+        return f"{self._ms}-{self._seq}", (self._ms, self._seq)
 
 
-def parse_stream_id(entry_id: str) -> tuple[int, int]:
-    """``"1795829403120-3"`` -> ``(1795829403120, 3)``, for comparing ids in order.
-
-    Errors: :class:`ValueError` for anything else.
-    """
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+#: Broadcast ids are Redis Stream ids.
+parse_stream_id = parse_message_id
 
 
 class Broker(abc.ABC):
@@ -132,6 +141,16 @@ class Broker(abc.ABC):
         May wait while too many messages are on their way (backpressure on the sender).
         """
 
+    @property
+    @abc.abstractmethod
+    def last_id(self) -> str | None:
+        """The id of the latest broadcast delivered to this process, if any."""
+
+    @abc.abstractmethod
+    async def history(self, since: str, limit: int) -> History:
+        """Up to ``limit`` broadcasts after ``since`` (a valid message id) that were delivered
+        to this process by now, oldest first (the newest ones if there are more)."""
+
     async def claim_periodic(self, slot: int, interval: float) -> bool:
         """Whether this process sends the periodic message of ``slot``: one for the cluster."""
         return True
@@ -152,13 +171,38 @@ class Broker(abc.ABC):
 
 
 class LocalBroker(Broker):
-    """One process is the whole cluster: delivery happens inside ``publish``."""
+    """One process is the whole cluster: delivery happens inside ``publish``.
+
+    The last ``history_size`` broadcasts are kept for clients that resume after a reconnect.
+    """
 
     kind = "local"
 
-    def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, wall_clock: Callable[[], float] = time.time, history_size: int = 10_000
+    ) -> None:
         self._ids = StreamIds(wall_clock)
         self._deliver: Callable[[Broadcast], None] | None = None
+        self._history: collections.deque[tuple[tuple[int, int], Broadcast]] = collections.deque(
+            maxlen=history_size
+        )
+        # Clients resuming from an id before this were not served by this process (or their
+        # broadcasts have since dropped out of the history): what they missed is unknown.
+        self._floor = (int(wall_clock() * 1000), -1)
+
+    @property
+    def last_id(self) -> str | None:
+        return self._history[-1][1].id if self._history else None
+
+    async def history(self, since: str, limit: int) -> History:
+        key = parse_stream_id(since)
+        newer: list[Broadcast] = []
+        for entry_key, broadcast in reversed(self._history):
+            if entry_key <= key:
+                break
+            newer.append(broadcast)
+        complete = key >= self._floor and len(newer) <= limit
+        return History(newer[:limit][::-1], complete)
 
     async def run(
         self, member: Member, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -170,6 +214,11 @@ class LocalBroker(Broker):
     async def publish(self, message: Outgoing) -> None:
         if self._deliver is None:
             raise RuntimeError("LocalBroker.publish before run() started")
+        message_id, key = self._ids.next()
+        broadcast = Broadcast(message_id, message)
+        if len(self._history) == self._history.maxlen:
+            self._floor = self._history[0][0]
+        self._history.append((key, broadcast))
         # No checkpoint: a client's message reaches every local client before its reader
         # task next waits, exactly as a direct broadcast would.
-        self._deliver(Broadcast(self._ids.next(), message))
+        self._deliver(broadcast)

@@ -105,8 +105,9 @@ class Hub:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def connect(self, client_id: str | None, peer: str) -> Connection:
-        """Register a new client and queue its welcome frame.
+    def connect(self, client_id: str | None, peer: str, *, resuming: bool = False) -> Connection:
+        """Register a new client and queue its welcome frame (``resuming``: :meth:`resume`
+        queues it, with the history).
 
         An older connection with the same id is asked to close with 4500: the newest wins, so a
         reconnecting client is never locked out by its own stale connection.
@@ -129,16 +130,8 @@ class Hub:
             batch_limit=BATCH_LIMIT_BYTES,
         )
         previous = self.registry.add(connection)
-        connection.offer(
-            Frame(
-                protocol.welcome_frame(
-                    client_id=client_id,
-                    active_connections=self.cluster_connections(),
-                    instance=self.instance_id,
-                    ts=now,
-                )
-            )
-        )
+        if not resuming:
+            connection.offer(self._welcome(connection))
         if previous is not None:
             previous.request_close(CloseCode.REPLACED, "replaced by a newer connection")
             LOGGER.info(
@@ -154,6 +147,61 @@ class Hub:
             len(self.registry),
         )
         return connection
+
+    def _welcome(self, connection: Connection, resumed: dict[str, object] | None = None) -> Frame:
+        return Frame(
+            protocol.welcome_frame(
+                client_id=connection.client_id,
+                active_connections=self.cluster_connections(),
+                instance=self.instance_id,
+                last_id=self.broker.last_id,
+                ts=self._wall_clock(),
+                resumed=resumed,
+            )
+        )
+
+    async def resume(self, connection: Connection, since: str) -> None:
+        """Queue the welcome, then the broadcasts after ``since`` that the client missed, then
+        whatever arrived live meanwhile (once each, in order).
+
+        ``connection`` comes from ``connect(..., resuming=True)`` and its writer has not
+        started, so live broadcasts wait in its outbox while the history is read. At most half
+        a queue is replayed: a client that missed more is told its history is incomplete.
+        """
+        history = await self.broker.history(since, max(1, self.settings.queue_size // 2))
+        if connection.closing:
+            return
+        live = connection.take_queued()
+        replayed = [self._frame(broadcast) for broadcast in history.broadcasts]
+        last = history.broadcasts[-1].id if history.broadcasts else None
+        newest = protocol.parse_message_id(last) if last is not None else None
+        frames = [
+            self._welcome(
+                connection,
+                {"since": since, "replayed": len(replayed), "complete": history.complete},
+            ),
+            *replayed,
+        ]
+        for frame in live:
+            # A broadcast delivered live while the history was read is in both: keep one.
+            if (
+                newest is not None
+                and frame.message_id is not None
+                and protocol.parse_message_id(frame.message_id) <= newest
+            ):
+                continue
+            frames.append(frame)
+        for frame in frames:
+            if not connection.offer(frame):
+                connection.request_close(CloseCode.SLOW_CONSUMER, "too much to replay")
+                return
+        LOGGER.info(
+            "client %s resumed after %s: %d broadcasts replayed%s",
+            connection.client_id,
+            since,
+            len(replayed),
+            "" if history.complete else ", some were no longer available",
+        )
 
     def disconnect(self, connection: Connection) -> None:
         """Forget ``connection`` (idempotent); called however the connection ended."""
@@ -199,6 +247,11 @@ class Hub:
     def deliver(self, broadcast: Broadcast) -> None:
         """Called by the broker for every broadcast of the cluster, in order: one JSON encoding,
         then a fan-out to this process's clients that never waits for a socket."""
+        self._messages_broadcast += 1
+        self.registry.broadcast(self._frame(broadcast))
+
+    @staticmethod
+    def _frame(broadcast: Broadcast) -> Frame:
         message = broadcast.message
         if message.kind == "message":
             text = protocol.message_frame(
@@ -210,8 +263,7 @@ class Hub:
                 active_connections=message.active_connections,
                 ts=message.ts,
             )
-        self._messages_broadcast += 1
-        self.registry.broadcast(Frame(text))
+        return Frame(text, broadcast.id)
 
     def local_state(self) -> tuple[int, bool]:
         return len(self.registry), self.draining

@@ -12,6 +12,9 @@ import re
 import secrets
 from datetime import UTC, datetime
 
+#: A broadcast id, as the broker gives it (a Redis Stream id): milliseconds, then a sequence.
+MESSAGE_ID_PATTERN = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+
 #: A client id chosen by the client: 1 to 64 characters of ``[A-Za-z0-9_.-]``.
 CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
@@ -51,6 +54,29 @@ def validate_client_id(client_id: str) -> str:
     return client_id
 
 
+class ResumeError(ValueError):
+    """The ``since`` of a resuming client is not a message id."""
+
+
+def validate_since(since: str) -> str:
+    """Return ``since`` if it looks like a message id (``"1795829403120-0"``).
+
+    Errors: :class:`ResumeError` with a reason short enough for a close frame.
+    """
+    if MESSAGE_ID_PATTERN.fullmatch(since) is None:
+        raise ResumeError("since must be a message id such as 1795829403120-0")
+    return since
+
+
+def parse_message_id(message_id: str) -> tuple[int, int]:
+    """``"1795829403120-3"`` -> ``(1795829403120, 3)``: ids compare in broadcast order.
+
+    Errors: :class:`ValueError` for anything else.
+    """
+    ms, _, seq = message_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def new_client_id() -> str:
     """A server-assigned id; the prefix keeps it apart from ids clients tend to pick."""
     return "anon-" + secrets.token_hex(6)
@@ -64,10 +90,12 @@ class Frame:
     rather than once per client.
     """
 
-    __slots__ = ("_wire", "text")
+    __slots__ = ("_wire", "message_id", "text")
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, message_id: str | None = None) -> None:
         self.text = text
+        #: The broadcast's id, for frames that carry one (message, periodic).
+        self.message_id = message_id
         self._wire: bytes | None = None
 
     def __repr__(self) -> str:
@@ -116,17 +144,27 @@ def new_instance_id() -> str:
     return secrets.token_hex(4)
 
 
-def welcome_frame(*, client_id: str, active_connections: int, instance: str, ts: float) -> str:
-    return _encode(
-        {
-            "type": "welcome",
-            "client_id": client_id,
-            "instance": instance,
-            "active_connections": active_connections,
-            "server_time": iso_time(ts),
-            "ts": ts,
-        }
-    )
+def welcome_frame(
+    *,
+    client_id: str,
+    active_connections: int,
+    instance: str,
+    last_id: str | None,
+    ts: float,
+    resumed: dict[str, object] | None = None,
+) -> str:
+    frame: dict[str, object] = {
+        "type": "welcome",
+        "client_id": client_id,
+        "instance": instance,
+        "active_connections": active_connections,
+        "last_id": last_id,
+        "server_time": iso_time(ts),
+        "ts": ts,
+    }
+    if resumed is not None:
+        frame["resumed"] = resumed
+    return _encode(frame)
 
 
 def message_frame(*, message_id: str | None, sender: str, text: str, ts: float) -> str:

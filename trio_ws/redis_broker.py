@@ -55,6 +55,7 @@ from trio_ws.broker import (
     BrokerState,
     BrokerUnavailableError,
     ClusterView,
+    History,
     Member,
     Outgoing,
     parse_stream_id,
@@ -272,6 +273,40 @@ class RedisBroker(Broker):
         self._pending.append(pending)
         self._unsent.append(pending)
         self._work.set()
+
+    @property
+    def last_id(self) -> str | None:
+        return None if self._last_id == "0-0" else self._last_id
+
+    async def history(self, since: str, limit: int) -> History:
+        """From the stream, up to what the reader has delivered here (later entries reach the
+        client live), without the copies that re-sending after an outage may have added."""
+        until = self._last_id
+        if self._state is BrokerState.DOWN or parse_stream_id(until) <= parse_stream_id(since):
+            return History([], self._state is BrokerState.UP)
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                entries_request = pipe.xrevrange(self.stream, until, "(" + since, count=limit + 1)
+                info_request = pipe.xinfo_stream(self.stream)
+            entries, info = await entries_request, await info_request
+        except BROKER_ERRORS as error:
+            LOGGER.info("broker: could not read history after %s: %s", since, _describe(error))
+            return History([], False)
+        trimmed = parse_stream_id(str(info.get("max-deleted-entry-id") or "0-0")) > (
+            parse_stream_id(since)
+        )
+        complete = len(entries) <= limit and not trimmed
+        seen: set[tuple[str, int]] = set()
+        out: list[Broadcast] = []
+        for entry in reversed(entries[:limit]):
+            try:
+                origin, seq, message = decode_entry(cast("Mapping[str, str]", entry.field_values))
+            except (KeyError, ValueError):
+                continue
+            if (origin, seq) not in seen:
+                seen.add((origin, seq))
+                out.append(Broadcast(str(entry.identifier), message))
+        return History(out, complete)
 
     async def claim_periodic(self, slot: int, interval: float) -> bool:
         if self._state is BrokerState.DOWN:

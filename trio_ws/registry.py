@@ -137,6 +137,18 @@ class Connection:
         self._queued -= len(batch)
         return batch
 
+    def take_queued(self) -> list[Frame]:
+        """Take every queued frame back (before the writer starts), to queue them again in
+        another order."""
+        frames: list[Frame] = []
+        while True:
+            try:
+                frames.append(self.outbox.receive_nowait())
+            except trio.WouldBlock:
+                break
+        self._queued -= len(frames)
+        return frames
+
     def request_close(self, code: int, reason: str) -> bool:
         """Ask the shell to close this connection; the first request wins. Idempotent."""
         if self.closing:

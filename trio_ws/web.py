@@ -18,11 +18,11 @@ import trio
 from quart import render_template, websocket
 from quart_trio import QuartTrio
 
-from trio_ws import __version__, runmode
+from trio_ws import __version__, protocol, runmode
 from trio_ws.broker import Broker, BrokerUnavailableError, LocalBroker
 from trio_ws.hub import REFUSED_REASON, Hub, HubState
 from trio_ws.logs import configure_logging
-from trio_ws.protocol import ClientIdError, CloseCode
+from trio_ws.protocol import ClientIdError, CloseCode, ResumeError
 from trio_ws.runmode import RunMode
 from trio_ws.settings import Settings
 from trio_ws.sockets import set_stall_timeout_on_listeners
@@ -57,7 +57,8 @@ def tune_gc() -> None:
 def create_broker(settings: Settings) -> Broker:
     """The broker the settings ask for: Redis with ``redis_url``, else in-process."""
     if settings.redis_url is None:
-        return LocalBroker()
+        # A resuming client gets at most half a queue of history: keep no more than a queue.
+        return LocalBroker(history_size=settings.queue_size)
     from trio_ws.redis_broker import RedisBroker
 
     return RedisBroker(
@@ -169,13 +170,18 @@ async def _handle_websocket(hub: Hub, settings: Settings, client_id: str | None)
         hub.note_refused(peer)
         await _close(ws, CloseCode.GOING_AWAY, REFUSED_REASON, peer)
         return
+    since = ws.args.get("since") or None
     try:
-        connection = hub.connect(client_id, peer)
-    except ClientIdError as error:
-        LOGGER.info("refused client id %r from %s: %s", client_id, peer, error)
+        if since is not None:
+            protocol.validate_since(since)
+        connection = hub.connect(client_id, peer, resuming=since is not None)
+    except (ClientIdError, ResumeError) as error:
+        LOGGER.info("refused %s from %s: %s", ws.full_path, peer, error)
         await _close(ws, CloseCode.POLICY_VIOLATION, str(error), peer)
         return
     try:
+        if since is not None:
+            await hub.resume(connection, since)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_write, ws, connection)
             nursery.start_soon(_read, ws, connection, hub, settings.max_message_size)
