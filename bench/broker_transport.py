@@ -2,6 +2,7 @@
 
     python bench/broker_transport.py                       # 20,000 messages, 2 readers, 3 runs
     python bench/broker_transport.py --messages 5000 --runs 1 --json /tmp/bt.json
+    python bench/broker_transport.py --transports streams pubsub+stream pubsub+stream/lua
 
 The two designs it compares, as trio_ws would run them with coredis under Trio:
 
@@ -9,11 +10,15 @@ The two designs it compares, as trio_ws would run them with coredis under Trio:
   each server process runs one reader looping ``XREAD BLOCK 1000 COUNT 500`` from its last id.
   That is ``trio_ws/redis_broker.py``'s design.
 * ``pubsub+stream``: the publisher pipelines the same ``XADD`` (the stream is the replay log),
-  then ``PUBLISH`` of each entry, with its stream id, in a second pipeline (a client learns an
-  entry's id only from the ``XADD`` reply, and subscribers need it to resume from the log). Each
-  process runs a coredis PubSub subscriber the robust way (``shared/notes/redis.md``):
-  ``retry_policy=NoRetryPolicy()``, a loop on ``await ps.get_message()`` and its own reconnect
-  loop that fills the gap with ``XRANGE`` and skips what it already has by stream id.
+  then ``PUBLISH`` of each entry as ``<stream id>\n<fields as JSON>`` in a second pipeline: a
+  client learns an entry's id only from the ``XADD`` reply, and subscribers need it to resume
+  from the log, so its latency includes that extra round trip. Each process runs a coredis
+  PubSub subscriber the robust way (``shared/notes/redis.md``): ``retry_policy=NoRetryPolicy()``,
+  a loop on ``await ps.get_message()`` and its own reconnect loop that fills the gap with
+  ``XRANGE`` and skips what it already has by stream id.
+* ``pubsub+stream/lua`` (opt-in, ``--transports``): the same in one round trip, a Lua script
+  (``EVALSHA``, pipelined) doing ``XADD`` and ``PUBLISH`` of the new id: the Pub/Sub design at
+  its best, paying with Redis CPU.
 
 It starts its own ``redis-server`` on a free loopback port (no persistence), then for each run
 and transport starts ``--readers`` reader processes (this file in reader mode, each in its own
@@ -29,8 +34,12 @@ per transport and mode: messages/s received by the slowest reader, latency p50/p
 message of a reader, of the publisher and of Redis (``/proc/<pid>/stat``, as ``bench/run.py``
 reads servers), lost, duplicated. Each figure is the median of ``--runs`` runs with min and max,
 printed and saved as JSON. Transports alternate within each run so that drift in a noisy machine
-hits both alike. Every wait is bounded; the default run takes about 1.5 minutes on 2 cores, where
+hits both alike. Every wait is bounded; the default run takes about 75 s on 2 cores, where
 Redis, the publisher and two readers share the cores: compare the transports within one run.
+Other work on the machine moves rates and latencies far more than CPU per message, so the load
+average is printed and saved with the figures. The JSON also has each run's figures and, per
+phase, messages per read (entries per ``XREAD`` reply: batching spreads a round trip's cost),
+the publisher's achieved rate, the worst latency, and reconnects (0 unless Redis misbehaved).
 """
 
 from __future__ import annotations
@@ -70,7 +79,16 @@ if TYPE_CHECKING:
 
 #: The driver starts this file again in reader mode.
 READER_SCRIPT = str(Path(__file__).resolve())
-TRANSPORTS = ("streams", "pubsub+stream")
+STREAMS, PUBSUB, PUBSUB_LUA = "streams", "pubsub+stream", "pubsub+stream/lua"
+TRANSPORTS = (STREAMS, PUBSUB, PUBSUB_LUA)
+#: The two designs in question; the lua variant (one round trip per batch) is opt-in.
+DEFAULT_TRANSPORTS = [STREAMS, PUBSUB]
+#: XADD and PUBLISH of its id and the payload, in one command: ARGV is maxlen, payload, fields.
+XADD_PUBLISH_LUA = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
+redis.call('PUBLISH', KEYS[1], id .. '\\n' .. ARGV[2])
+return id
+"""
 MODES = ("paced", "flat")
 #: As trio_ws/redis_broker.py: most entries per XREAD and per publishing pipeline, XREAD's block.
 BATCH = 500
@@ -143,10 +161,11 @@ class Tracker:
         self.current = 0
         self.done = trio.Event()
         self.ready = trio.Event()
+        # Per phase, like the rest of the report:
         #: Pub/Sub messages dropped because their stream id was not past the last one seen.
         self.skipped = 0
         self.reconnects = 0
-        #: XREAD replies (or Pub/Sub messages) in this phase: the round trips a reader paid for.
+        #: XREAD replies (or Pub/Sub messages): the round trips a reader paid for.
         self.reads = 0
         self._phase_started = trio.current_time()
         self._cpu_mark = cpu_seconds()
@@ -186,7 +205,7 @@ class Tracker:
         }
         print(json.dumps(report), flush=True)
         self.current += 1
-        self.reads = 0
+        self.reads = self.skipped = self.reconnects = 0
         self._phase_started = trio.current_time()
         self._cpu_mark = cpu_seconds()
         if self.current == len(self.phases):
@@ -272,13 +291,13 @@ async def read_pubsub(client: coredis.Redis[str], key: str, tracker: Tracker) ->
                         continue
                     now = time.time_ns()
                     tracker.reads += 1
-                    payload = json.loads(str(message["data"]))
-                    entry_id = payload["id"]
+                    # "<stream id>\n<fields as JSON>": the id is where to resume from the stream.
+                    entry_id, _, body = str(message["data"]).partition("\n")
                     position = parse_stream_id(entry_id)
                     if last is not None and position <= last:
                         tracker.skipped += 1  # already replayed from the stream
                         continue
-                    _deliver(tracker, payload, now)
+                    _deliver(tracker, json.loads(body), now)
                     last_id, last = entry_id, position
         except* REDIS_ERRORS:
             tracker.reconnects += 1
@@ -288,7 +307,7 @@ async def read_pubsub(client: coredis.Redis[str], key: str, tracker: Tracker) ->
 
 async def reader_main(transport: str, port: int, key: str, messages: int, phase_s: float) -> None:
     tracker = Tracker(messages, phase_s)
-    reader = read_stream if transport == "streams" else read_pubsub
+    reader = read_stream if transport == STREAMS else read_pubsub
     # Bounded even if the parent vanished: two phases, and exiting.
     with trio.fail_after(2 * phase_s + READY_TIMEOUT_S + EXIT_TIMEOUT_S):
         async with make_client(port) as client, trio.open_nursery() as nursery:
@@ -301,43 +320,60 @@ async def reader_main(transport: str, port: int, key: str, messages: int, phase_
 # -- the publisher -----------------------------------------------------------------------------
 
 
-async def send_batch(
-    client: coredis.Redis[str], transport: str, key: str, first: int, count: int
-) -> None:
-    """One publishing round: ``count`` messages from sequence number ``first``."""
-    sent = str(time.time_ns())  # stamped as the batch leaves: latency is the transport's
-    batch = [
-        {"o": ORIGIN, "q": str(seq), "k": "message", "ts": sent, "f": SENDER, "t": TEXT}
-        for seq in range(first, first + count)
-    ]
-    async with client.pipeline(transaction=False) as pipe:
-        ids = [
-            pipe.xadd(
-                key,
-                fields,
-                trim_strategy=PureToken.MAXLEN,
-                trim_operator=PureToken.APPROXIMATELY,
-                threshold=STREAM_MAXLEN,
-            )
-            for fields in batch
+@dataclass
+class Publisher:
+    """Publishes batches of messages the way one transport does."""
+
+    client: coredis.Redis[str]
+    transport: str
+    key: str
+    #: SHA1 of XADD_PUBLISH_LUA, loaded for the lua variant.
+    script: str = ""
+
+    async def send_batch(self, first: int, count: int) -> None:
+        """One publishing round: ``count`` messages from sequence number ``first``."""
+        sent = str(time.time_ns())  # stamped as the batch leaves: latency is the transport's
+        batch = [
+            {"o": ORIGIN, "q": str(seq), "k": "message", "ts": sent, "f": SENDER, "t": TEXT}
+            for seq in range(first, first + count)
         ]
-    if transport == "pubsub+stream":
-        payloads = [
-            json.dumps({"id": await entry_id, **fields})
-            for entry_id, fields in zip(ids, batch, strict=True)
-        ]
-        async with client.pipeline(transaction=False) as pipe:
-            for payload in payloads:
-                pipe.publish(key, payload)
+        if self.transport == PUBSUB_LUA:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for fields in batch:
+                    flat = [item for pair in fields.items() for item in pair]
+                    pipe.evalsha(
+                        self.script,
+                        [self.key],
+                        [str(STREAM_MAXLEN), json.dumps(fields), *flat],
+                    )
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            ids = [
+                pipe.xadd(
+                    self.key,
+                    fields,
+                    trim_strategy=PureToken.MAXLEN,
+                    trim_operator=PureToken.APPROXIMATELY,
+                    threshold=STREAM_MAXLEN,
+                )
+                for fields in batch
+            ]
+        if self.transport == PUBSUB:
+            # The ids exist only once the XADD pipeline has run: a second round trip.
+            payloads = [
+                f"{await entry_id}\n{json.dumps(fields)}"
+                for entry_id, fields in zip(ids, batch, strict=True)
+            ]
+            async with self.client.pipeline(transaction=False) as pipe:
+                for payload in payloads:
+                    pipe.publish(self.key, payload)
 
 
-async def publish(
-    client: coredis.Redis[str], transport: str, key: str, mode: str, first: int, args: Any
-) -> None:
+async def publish(publisher: Publisher, mode: str, first: int, args: argparse.Namespace) -> None:
     messages: int = args.messages
     if mode == "flat":
         for offset in range(0, messages, BATCH):
-            await send_batch(client, transport, key, first + offset, min(BATCH, messages - offset))
+            await publisher.send_batch(first + offset, min(BATCH, messages - offset))
         return
     # Paced: message i is due at start + i / rate; each round sends all that are due (at most
     # BATCH), so a publisher that falls behind catches up in bigger batches, as the server's does.
@@ -349,7 +385,7 @@ async def publish(
             await trio.sleep_until(start + sent / args.rate)
             continue
         count = min(BATCH, due - sent)
-        await send_batch(client, transport, key, first + sent, count)
+        await publisher.send_batch(first + sent, count)
         sent += count
 
 
@@ -386,7 +422,7 @@ async def wait_subscribers(client: coredis.Redis[str], channel: str, count: int)
 
 
 async def run_transport(
-    transport: str, redis: Server, run: int, args: Any
+    transport: str, redis: Server, run: int, args: argparse.Namespace
 ) -> dict[str, dict[str, Any]]:
     """One run of one transport: start the readers, publish both phases, collect the figures."""
     key = f"bench:{transport}:{os.getpid()}:{run}"
@@ -416,14 +452,17 @@ async def run_transport(
         for reader in lines:
             await reader.next(READY_TIMEOUT_S)
         async with make_client(redis.port) as client:
-            if transport == "pubsub+stream":
+            publisher = Publisher(client, transport, key)
+            if transport == PUBSUB_LUA:
+                publisher.script = await client.script_load(XADD_PUBLISH_LUA)
+            if transport != STREAMS:
                 await wait_subscribers(client, key, args.readers)
             for index, mode in enumerate(MODES):
                 redis_cpu = redis.cpu_s()
                 publisher_cpu = cpu_seconds()
                 started_ns = time.time_ns()
                 started = trio.current_time()
-                await publish(client, transport, key, mode, index * args.messages + 1, args)
+                await publish(publisher, mode, index * args.messages + 1, args)
                 publish_s = trio.current_time() - started
                 publisher_cpu = cpu_seconds() - publisher_cpu
                 reports = [await reader.next(timeout) for reader in lines]
@@ -589,7 +628,7 @@ def print_table(results: dict[str, dict[str, dict[str, Any]]], runs: int) -> Non
     print()
 
 
-async def driver(args: Any) -> dict[str, Any]:
+async def driver(args: argparse.Namespace) -> dict[str, Any]:
     # Other work on the machine shows in rates and latencies (much less in CPU per message):
     # the load average goes with the figures.
     load_before = os.getloadavg()[0]
@@ -649,7 +688,7 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=2, help="reader processes (default 2)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rate", type=float, default=2000, help="paced mode, messages a second")
-    parser.add_argument("--transports", nargs="+", default=list(TRANSPORTS), choices=TRANSPORTS)
+    parser.add_argument("--transports", nargs="+", default=DEFAULT_TRANSPORTS, choices=TRANSPORTS)
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "broker_transport.json"))
     # Reader mode: this file started by the driver as one "server process".
     parser.add_argument("--reader", choices=TRANSPORTS, help=argparse.SUPPRESS)
@@ -674,6 +713,16 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"saved {path}")
+    failed = [
+        f"{transport} {mode}: lost {run['lost']}, duplicated {run['duplicates']}"
+        for transport, modes in report["runs_raw"].items()
+        for mode, runs in modes.items()
+        for run in runs
+        if run["lost"] or run["duplicates"]
+    ]
+    if failed:
+        # Without a reconnect nothing may go missing or twice: the figures are not to be trusted.
+        raise SystemExit("lost or duplicated messages:\n" + "\n".join(failed))
 
 
 if __name__ == "__main__":
