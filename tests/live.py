@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,12 +96,13 @@ class Process:
         with self._changed:
             self._changed.notify_all()
 
-    def wait_for_line(self, pattern: str, timeout: float = 10) -> re.Match[str]:
+    def wait_for_line(self, pattern: str, timeout: float = 10, start: int = 0) -> re.Match[str]:
+        """The first line from index ``start`` on that matches ``pattern``."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                for line in self.lines:
+                for line in self.lines[start:]:
                     if match := regex.search(line):
                         return match
                 if self.popen.poll() is not None and not self._reader.is_alive():
@@ -135,7 +137,11 @@ class Server(Process):
     def __init__(self, port: int = 0, env: Mapping[str, str] | None = None) -> None:
         argv = [sys.executable, "-m", "trio_ws", "--host", "127.0.0.1", "--port", str(port)]
         super().__init__(argv, env)
-        match = self.wait_for_line(r"Running on (http://127\.0\.0\.1:(\d+))", timeout=20)
+        try:
+            match = self.wait_for_line(r"Running on (http://127\.0\.0\.1:(\d+))", timeout=20)
+        except BaseException:
+            self.stop()
+            raise
         self.base_url = match.group(1)
         self.port = int(match.group(2))
 
@@ -150,7 +156,10 @@ def server(port: int = 0, env: Mapping[str, str] | None = None) -> Iterator[Serv
 
 
 def nginx_site(
-    listen_port: int, upstream_ports: Sequence[int], read_timeout: str | None = None
+    listen_port: int,
+    upstream_ports: Sequence[int],
+    read_timeout: str | None = None,
+    down: Sequence[int] = (),
 ) -> str:
     """The shipped ``deploy/nginx.conf`` with the test's ports (and, for the idle test, a shorter
     ``proxy_read_timeout``). Every edit must find what it replaces: a change to the shipped file
@@ -162,8 +171,17 @@ def nginx_site(
         text, found = re.subn(pattern, new, text, flags=re.MULTILINE)
         assert found == count, f"deploy/nginx.conf: expected {count} x {pattern!r}, found {found}"
 
-    servers = "".join(f"    server 127.0.0.1:{port};\n" for port in upstream_ports)
-    replace(r"^    server 127\.0\.0\.1:\d+;\n(?:    server 127\.0\.0\.1:\d+;\n)*", servers, 1)
+    # Every server of the upstream block, whatever its options, becomes the test's servers.
+    block = re.search(r"^upstream trio_ws \{\n(.*?)^\}", text, re.MULTILINE | re.DOTALL)
+    assert block is not None, "deploy/nginx.conf: no upstream trio_ws block"
+    body = block.group(1)
+    kept = [line for line in body.splitlines(True) if not re.match(r"\s*server\s", line)]
+    assert len(kept) < len(body.splitlines(True)), "deploy/nginx.conf: no server in upstream"
+    servers = "".join(
+        f"    server 127.0.0.1:{port}{' down' if port in down else ''};\n"
+        for port in upstream_ports
+    )
+    text = text[: block.start(1)] + "".join(kept) + servers + text[block.end(1) :]
     replace(r"^    listen 80;$", f"    listen 127.0.0.1:{listen_port};", 1)
     replace(r"^    listen \[::\]:80;\n", "", 1)
     if read_timeout is not None:
@@ -172,7 +190,11 @@ def nginx_site(
 
 
 def nginx_command(
-    workdir: Path, listen_port: int, upstream_ports: Sequence[int], read_timeout: str | None = None
+    workdir: Path,
+    listen_port: int,
+    upstream_ports: Sequence[int],
+    read_timeout: str | None = None,
+    down: Sequence[int] = (),
 ) -> list[str]:
     """Write a minimal main config that includes the site from the http {} block, as the shipped
     file says to, and return the command that runs nginx in the foreground on it."""
@@ -180,7 +202,7 @@ def nginx_command(
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o755)  # nginx's workers may run as an unprivileged user
     site = workdir / "trio-ws.conf"
-    site.write_text(nginx_site(listen_port, upstream_ports, read_timeout))
+    site.write_text(nginx_site(listen_port, upstream_ports, read_timeout, down))
     main = workdir / "nginx.conf"
     temp = "\n".join(
         f"    {kind}_temp_path {workdir / kind};"
@@ -200,3 +222,36 @@ http {{
 """
     )
     return [nginx, "-p", str(workdir), "-e", "stderr", "-c", str(main)]
+
+
+class Nginx(Process):
+    """Debian's nginx in the foreground on the shipped site config, on a free port."""
+
+    def __init__(self, workdir: Path, upstream_ports: Sequence[int], **options: Any) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        super().__init__(nginx_command(workdir, self.port, upstream_ports, **options))
+        try:
+            wait_for_port(self.port)
+        except BaseException:
+            self.stop()
+            raise
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    def reload(self, upstream_ports: Sequence[int], **options: Any) -> None:
+        """Rewrite the site config and reload (SIGHUP to the master, as `nginx -s reload`);
+        return once the new workers run."""
+        start = len(self.lines)
+        nginx_command(self.workdir, self.port, upstream_ports, **options)
+        self.signal(signal.SIGHUP)
+        self.wait_for_line(r"reconfiguring", start=start)
+        self.wait_for_line(r"start worker process", start=start)
+
+
+@contextmanager
+def nginx(workdir: Path, upstream_ports: Sequence[int], **options: Any) -> Iterator[Nginx]:
+    process = Nginx(workdir, upstream_ports, **options)
+    try:
+        yield process
+    finally:
+        process.stop()

@@ -222,9 +222,13 @@ def test_page_stops_retrying_on_disconnect_4500_and_1008(open_page: OpenPage) ->
             assert page.locator("#retry").text_content() == ""
             assert sockets(page)["created"] == created == 1
 
-        # Connect again after a stop is the user's choice, and works.
+        # Connect again after a stop is the user's choice, and works; however often it is asked
+        # for, there is one socket.
         user.click("#connect")
+        user.evaluate("connect(); connect(); connect()")
         expect_state(user, "open")
+        expect(user.locator("#log .t-welcome")).to_have_count(2)
+        assert (sockets(user)["created"], sockets(user)["maxLive"]) == (2, 1)
 
 
 def test_backoff_is_full_jitter_with_a_cap_doubling_from_half_a_second_to_20(
@@ -278,23 +282,49 @@ def test_log_keeps_the_last_500_lines(open_page: OpenPage) -> None:
 def test_page_through_nginx(open_page: OpenPage, tmp_path: Path) -> None:
     """The page served by nginx (shipped config): loads, talks both ways, shows a drain."""
     env = {**FAST_ENV, "TRIO_WS_DRAIN_TIMEOUT": "30"}
-    with live.server(env=env) as server:
-        port = live.free_port()
-        nginx = live.Process(live.nginx_command(tmp_path, port, [server.port]))
-        try:
-            live.wait_for_port(port)
-            base = f"http://127.0.0.1:{port}"
-            page = open_page(base + "/?id=proxied&connect")
-            expect_state(page, "open")
-            assert sockets(page)["urls"] == [f"ws://127.0.0.1:{port}/ws/proxied"]
-            page.fill("#text", "through nginx")
-            page.click("#send")
-            expect(page.locator("#log")).to_contain_text("proxied: through nginx")
-            expect(page.locator("#log .t-periodic").first).to_be_attached()
+    with live.server(env=env) as server, live.nginx(tmp_path, [server.port]) as proxy:
+        page = open_page(proxy.base_url + "/?id=proxied&connect")
+        expect_state(page, "open")
+        assert sockets(page)["urls"] == [f"ws://127.0.0.1:{proxy.port}/ws/proxied"]
+        page.fill("#text", "through nginx")
+        page.click("#send")
+        expect(page.locator("#log")).to_contain_text("proxied: through nginx")
+        expect(page.locator("#log .t-periodic").first).to_be_attached()
 
-            server.signal(signal.SIGTERM)
+        server.signal(signal.SIGTERM)
+        expect(page.locator("#banner")).to_be_visible()
+        expect(page.locator("#drain-left")).to_have_text(re.compile(r"^(2\d|30)$"))
+        screenshot(page, "page-nginx-drain.png")
+
+
+def test_deploy_recipe_through_nginx_moves_every_page_to_the_new_instance(
+    open_page: OpenPage, tmp_path: Path
+) -> None:
+    """README, "Deployment", nginx: with the old and the new instance in the upstream, mark the
+    old one down, reload nginx, stop the old one: its pages get the warning, leave by themselves
+    and come back through nginx to the new one; the old one's drain ends with nobody cut."""
+    env = {**FAST_ENV, "TRIO_WS_DRAIN_TIMEOUT": "4"}
+    with (
+        live.server(env=env) as old,
+        live.server(env=env) as new,
+        live.nginx(tmp_path, [old.port, new.port], down=[new.port]) as proxy,
+    ):
+        # Until the deploy, every page is on the old instance (the new one is not in service).
+        pages = [open_page(f"{proxy.base_url}/?id=user{n}&connect") for n in range(3)]
+        for page in pages:
+            expect_state(page, "open")
+        old.wait_for_line(r"client user2 connected .* 3 active connections")
+
+        proxy.reload([old.port, new.port], down=[old.port])
+        old.signal(signal.SIGTERM)
+        for page in pages:
             expect(page.locator("#banner")).to_be_visible()
-            expect(page.locator("#drain-left")).to_have_text(re.compile(r"^(2\d|30)$"))
-            screenshot(page, "page-nginx-drain.png")
-        finally:
-            nginx.stop()
+        assert old.wait_exit(timeout=4) == 0
+        assert "3 connections at start, 3 left by themselves, 0 closed by the server" in old.log
+        for page in pages:
+            expect_state(page, "open", RECONNECT_MS)
+            expect(page.locator("#banner")).to_be_hidden()
+            expect(page.locator("#log .t-welcome")).to_have_count(2)
+        new.wait_for_line(r"client user\d connected .* 3 active connections")
+        # After the reload nginx sent no reconnecting page to the draining instance.
+        assert "refused a new connection" not in old.log
