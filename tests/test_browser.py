@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ COUNT_SOCKETS = """
 #: Frames the tests wait for come within a second or two; reconnects within the backoff.
 FAST_MS = 5_000
 RECONNECT_MS = 25_000
+#: The page's largest backoff delay (README, "The test page").
+BACKOFF_MAX_MS = 20_000
 
 #: Short intervals for the tests (README, "Configuration").
 FAST_ENV = {"TRIO_WS_BROADCAST_INTERVAL": "0.5", "TRIO_WS_PING_INTERVAL": "1"}
@@ -78,11 +81,13 @@ def open_page(browser: Browser) -> Iterator[OpenPage]:
     every HTTP request the page makes."""
     contexts: list[BrowserContext] = []
 
-    def open_(url: str, requests: list[str] | None = None) -> Page:
+    def open_(url: str, requests: list[str] | None = None, *, clock: bool = False) -> Page:
         context = browser.new_context(viewport={"width": 1000, "height": 800})
         contexts.append(context)
         context.add_init_script(COUNT_SOCKETS)
         page = context.new_page()
+        if clock:
+            page.clock.install()  # the page's timers: real time, unless a test skips ahead
         if requests is not None:
             page.on("request", lambda request: requests.append(request.url))
         page.goto(url)
@@ -100,6 +105,21 @@ def sockets(page: Page) -> dict[str, Any]:
 
 def expect_state(page: Page, state: str, timeout: float = FAST_MS) -> None:
     expect(page.locator("#status")).to_have_attribute("data-state", state, timeout=timeout)
+
+
+def skip_backoff_until_open(page: Page, timeout_s: float = 15) -> None:
+    """Let a waiting page's pending retry fire now, on its fake clock, until it is connected.
+
+    The backoff's delays are tested on their own; skipping them keeps reconnect tests from
+    waiting up to 20 s for a random draw. The retry, the socket and the welcome stay real.
+    """
+    deadline = time.monotonic() + timeout_s
+    while (state := page.locator("#status").get_attribute("data-state")) != "open":
+        assert state in ("waiting", "connecting"), f"the page stopped trying: {state}"
+        assert time.monotonic() < deadline, "the page did not reconnect"
+        if state == "waiting":
+            page.clock.fast_forward(BACKOFF_MAX_MS)
+        page.wait_for_timeout(20)  # a poll step: the attempt is a real network round trip
 
 
 def screenshot(page: Page, name: str) -> Path:
@@ -155,7 +175,7 @@ def test_drain_warning_then_reconnect_to_a_new_server_and_after_a_drop(
     first = live.Server(env=env)
     try:
         port = first.port
-        pages = [open_page(f"{first.base_url}/?id=p{n}&connect") for n in (1, 2)]
+        pages = [open_page(f"{first.base_url}/?id=p{n}&connect", clock=True) for n in (1, 2)]
         for page in pages:
             expect_state(page, "open")
 
@@ -181,7 +201,7 @@ def test_drain_warning_then_reconnect_to_a_new_server_and_after_a_drop(
 
     with live.server(port, env) as second:
         for page in pages:
-            expect_state(page, "open", RECONNECT_MS)
+            skip_backoff_until_open(page)
             expect(page.locator("#banner")).to_be_hidden()
             expect(page.locator("#log .t-welcome")).to_have_count(2)
         second.signal(signal.SIGKILL)  # a drop: no warning, no close frame
@@ -192,7 +212,7 @@ def test_drain_warning_then_reconnect_to_a_new_server_and_after_a_drop(
 
     with live.server(port, env):
         for page in pages:
-            expect_state(page, "open", RECONNECT_MS)
+            skip_backoff_until_open(page)
             expect(page.locator("#log .t-welcome")).to_have_count(3)
             assert sockets(page)["maxLive"] == 1, "two sockets were open at once"
 
