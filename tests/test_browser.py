@@ -265,6 +265,25 @@ def test_backoff_is_full_jitter_with_a_cap_doubling_from_half_a_second_to_20(
         assert 1.8 < sum(delays) / len(delays) < 2.2  # uniform on [0, 4): mean 2
 
 
+def test_page_shows_string_ids_and_the_instance_as_given(open_page: OpenPage) -> None:
+    """Message ids are opaque (a broker may make them strings); the welcome may name the
+    server instance. Frames handed to the page's own frame handler."""
+    with live.server(env={"TRIO_WS_BROADCAST_INTERVAL": "0"}) as server:
+        page = open_page(server.base_url + "/")
+        page.evaluate(
+            """() => {
+              handle({type: "welcome", client_id: "a", active_connections: 3,
+                      server_time: "t", instance: "web-1 <i>x</i>"});
+              handle({type: "message", id: "1795829403120-0", from: "b", text: "hi", ts: 1});
+              handle({type: "periodic", id: "1795829403121-0", active_connections: 4, ts: 2});
+            }"""
+        )
+        expect(page.locator("#instance")).to_have_text("web-1 <i>x</i>")
+        expect(page.locator("#log .t-message")).to_contain_text("#1795829403120-0 b: hi")
+        expect(page.locator("#log .t-periodic")).to_contain_text("#1795829403121-0 server tick")
+        expect(page.locator("#count")).to_have_text("4")
+
+
 def test_backoff_resets_after_a_stable_connection(open_page: OpenPage) -> None:
     """After 10 s connected (on the page's fake clock) the next retry is drawn from [0, 0.5 s)."""
     with live.server(env={"TRIO_WS_BROADCAST_INTERVAL": "0"}) as server:
