@@ -35,7 +35,7 @@ CHROMIUM_ARGS = [
 COUNT_SOCKETS = """
 (() => {
   const Native = window.WebSocket;
-  const stats = { created: 0, live: 0, maxLive: 0, urls: [] };
+  const stats = { created: 0, live: 0, maxLive: 0, urls: [], all: [] };
   window.__sockets = stats;
   window.WebSocket = class extends Native {
     constructor(...args) {
@@ -44,6 +44,7 @@ COUNT_SOCKETS = """
       stats.live += 1;
       stats.maxLive = Math.max(stats.maxLive, stats.live);
       stats.urls.push(String(args[0]));
+      stats.all.push(this);
       this.addEventListener("close", () => { stats.live -= 1; });
     }
   };
@@ -215,6 +216,38 @@ def test_drain_warning_then_reconnect_to_a_new_server_and_after_a_drop(
             skip_backoff_until_open(page)
             expect(page.locator("#log .t-welcome")).to_have_count(3)
             assert sockets(page)["maxLive"] == 1, "two sockets were open at once"
+
+
+def test_page_resumes_after_a_drop_and_misses_nothing(open_page: OpenPage) -> None:
+    """A connection drops; what was said meanwhile reaches the page when it comes back, because
+    its retry asks for everything after the last id it saw (README, "Resuming")."""
+    env = {"TRIO_WS_BROADCAST_INTERVAL": "0", "TRIO_WS_PING_INTERVAL": "1"}
+    with live.server(env=env) as server:
+        mover = open_page(server.base_url + "/?id=mover&connect", clock=True)
+        talker = open_page(server.base_url + "/?id=talker&connect")
+        for page in (mover, talker):
+            expect_state(page, "open")
+
+        def say(text: str) -> None:
+            talker.fill("#text", text)
+            talker.press("#text", "Enter")
+            expect(talker.locator("#log .t-message").last).to_contain_text(text)
+
+        say("m0")
+        expect(mover.locator("#log .t-message").last).to_contain_text("talker: m0")
+        # The network drops the mover's connection (4000: "reconnect").
+        mover.clock.pause_at(int(time.time() * 1000) + 60_000)  # its retry waits for us
+        mover.evaluate("window.__sockets.all.at(-1).close(4000, 'dropped')")
+        expect_state(mover, "waiting")
+        for text in ("m1", "m2", "m3"):
+            say(text)
+        mover.clock.resume()
+        skip_backoff_until_open(mover)
+        expect(mover.locator("#log")).to_contain_text("3 missed broadcasts replayed")
+        assert "?since=" in sockets(mover)["urls"][-1]
+        expect(mover.locator("#log .t-message")).to_have_count(4)
+        texts = mover.locator("#log .t-message").all_text_contents()
+        assert [text.rsplit(": ", 1)[1] for text in texts] == ["m0", "m1", "m2", "m3"]
 
 
 def test_page_stops_retrying_on_disconnect_4500_and_1008(open_page: OpenPage) -> None:
