@@ -204,3 +204,19 @@ async def test_a_frozen_redis_is_noticed_by_the_command_timeout(redis: RedisServ
             redis.process.send_signal(signal.SIGCONT)
         await wait_until(lambda: hub.broker.state is BrokerState.UP, timeout=10)
         nursery.cancel_scope.cancel()
+
+
+async def test_the_cluster_count_includes_this_process_as_of_now(redis: RedisServer) -> None:
+    other = make_hub(redis, "other", heartbeat_s=60)
+    this = make_hub(redis, "this", heartbeat_s=60)
+    other.connect("o", "p")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(other.run)
+        await nursery.start(this.run)  # its one heartbeat so far: "other" has 1, "this" 0
+        assert this.cluster_connections() == 1
+        conn = this.connect("t", "p")
+        # No heartbeat since: its own client counts at once, in the welcome too.
+        assert this.cluster_connections() == 2
+        assert json.loads(conn.outbox.receive_nowait().text)["active_connections"] == 2
+        assert this.health()["cluster"]["connections"] == 2
+        nursery.cancel_scope.cancel()

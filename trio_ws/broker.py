@@ -95,6 +95,8 @@ class ClusterView:
     draining_instances: int
     #: trio clock time of the reading.
     as_of: float
+    #: This process's own count in ``connections``: the hub swaps in its current count.
+    own_connections: int = 0
 
 
 class StreamIds:

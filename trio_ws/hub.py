@@ -269,9 +269,12 @@ class Hub:
         return len(self.registry), self.draining
 
     def cluster_connections(self) -> int:
-        """The cluster's connection count as last seen (this process's alone without one)."""
+        """The cluster's connection count: the other processes' as last seen (every 2 s with
+        Redis), plus this process's own as of now."""
         cluster = self.broker.cluster()
-        return len(self.registry) if cluster is None else max(cluster.connections, 0)
+        if cluster is None:
+            return len(self.registry)
+        return max(cluster.connections - cluster.own_connections, 0) + len(self.registry)
 
     # -- drain control -------------------------------------------------------------------------
 
@@ -391,7 +394,7 @@ class Hub:
             if cluster is None
             else {
                 "instances": cluster.instances,
-                "connections": cluster.connections,
+                "connections": self.cluster_connections(),
                 "draining_instances": cluster.draining_instances,
                 "age_s": round(trio.current_time() - cluster.as_of, 3),
             },

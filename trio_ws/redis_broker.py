@@ -596,6 +596,7 @@ class RedisBroker(Broker):
             connections=sum(int(entry["connections"]) for entry in alive),
             draining_instances=sum(1 for entry in alive if entry["draining"]),
             as_of=trio.current_time(),
+            own_connections=connections,
         )
 
     async def _stream_end(self) -> str:
