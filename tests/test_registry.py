@@ -175,3 +175,15 @@ def test_a_closing_connection_gets_no_more_frames_and_is_not_called_slow() -> No
     assert closing in registry  # still registered until its close handshake is done
     assert registry.statistics().slow_disconnects == 0
     assert drain_outbox(closing) == []
+
+
+def test_a_resumed_connection_drops_broadcasts_it_has_until_a_newer_one() -> None:
+    conn = Connection("a", peer="p", connected_at=0.0, queue_size=8)
+    conn.resume_floor = (100, 2)
+    for message_id in ("99-9", "100-2"):  # had them (before ``since``, or replayed)
+        assert conn.offer(Frame("old", message_id))
+    assert conn.offer(Frame("no id"))  # a frame without an id (shutdown, outage) always goes
+    assert conn.offer(Frame("new", "100-3"))
+    assert conn.resume_floor is None
+    assert conn.offer(Frame("later", "100-1"))  # never happens in order; proves the floor is gone
+    assert [frame.text for frame in conn.take_queued()] == ["no id", "new", "later"]

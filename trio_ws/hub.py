@@ -173,25 +173,19 @@ class Hub:
             return
         live = connection.take_queued()
         replayed = [self._frame(broadcast) for broadcast in history.broadcasts]
-        last = history.broadcasts[-1].id if history.broadcasts else None
-        newest = protocol.parse_message_id(last) if last is not None else None
-        frames = [
-            self._welcome(
-                connection,
-                {"since": since, "replayed": len(replayed), "complete": history.complete},
-            ),
-            *replayed,
-        ]
+        welcome = self._welcome(
+            connection, {"since": since, "replayed": len(replayed), "complete": history.complete}
+        )
+        for frame in (welcome, *replayed):
+            if not connection.offer(frame):
+                connection.request_close(CloseCode.SLOW_CONSUMER, "too much to replay")
+                return
+        # From here on, a broadcast the client already has (up to ``since``, or replayed just
+        # now) is dropped: the live ones queued meanwhile, and any still on their way here (a
+        # reader of this process that had not yet passed ``since``).
+        newest = history.broadcasts[-1].id if history.broadcasts else None
+        connection.resume_floor = protocol.parse_message_id(newest or since)
         for frame in live:
-            # A broadcast delivered live while the history was read is in both: keep one.
-            if (
-                newest is not None
-                and frame.message_id is not None
-                and protocol.parse_message_id(frame.message_id) <= newest
-            ):
-                continue
-            frames.append(frame)
-        for frame in frames:
             if not connection.offer(frame):
                 connection.request_close(CloseCode.SLOW_CONSUMER, "too much to replay")
                 return

@@ -177,6 +177,9 @@ class RedisBroker(Broker):
         self._recent: collections.deque[_Pending] = collections.deque(maxlen=RECENT_LIMIT)
         self._redis_run_id = ""
         self._seen: dict[str, int] = {}
+        #: Stream ids of the copies the reader skipped (bounded), kept out of histories too.
+        self._skipped: set[str] = set()
+        self._skipped_order: collections.deque[str] = collections.deque()
         self._last_id = "0-0"
         self._cluster: ClusterView | None = None
 
@@ -190,6 +193,7 @@ class RedisBroker(Broker):
         self.resent = 0
         self.replayed = 0
         self._replaying = False
+        self._leaving = False
 
     # -- the Broker interface ------------------------------------------------------------------
 
@@ -222,8 +226,10 @@ class RedisBroker(Broker):
             _, rest = group.split(BROKER_ERRORS)
             if rest is not None:
                 raise  # cancellation, or a bug
-            # Closing the client failed because Redis is gone: nothing left to do.
-            LOGGER.debug("broker: error while closing the Redis client", exc_info=group)
+            # The client failed on its way out (Redis gone at shutdown), or underneath the
+            # running tasks: either way no broker is left; say so rather than seem up.
+            LOGGER.warning("broker: the Redis client stopped: %s", _describe(_first_leaf(group)))
+            self._mark_down(_first_leaf(group))
 
     async def _connect(self) -> None:
         member = self._require_member()
@@ -252,6 +258,11 @@ class RedisBroker(Broker):
         while self._state is BrokerState.UP and len(self._pending) >= self._pending_limit:
             # Backpressure: the sender's reader task waits; Redis is slower than the senders.
             await self._space.park()
+        if self._state is BrokerState.DOWN and message.kind == "periodic":
+            # Each process informs its own clients during an outage; sent to the cluster
+            # afterwards, these would arrive as a burst of stale counts.
+            member.deliver(Broadcast(None, message))
+            return
         self._seq += 1
         pending = _Pending(self._seq, message)
         if self._state is BrokerState.DOWN:
@@ -279,33 +290,39 @@ class RedisBroker(Broker):
         return None if self._last_id == "0-0" else self._last_id
 
     async def history(self, since: str, limit: int) -> History:
-        """From the stream, up to what the reader has delivered here (later entries reach the
-        client live), without the copies that re-sending after an outage may have added."""
+        """From the stream, up to what the reader has delivered here (what comes later reaches
+        the client live), without the copies that the reader skipped as duplicates.
+
+        ``complete`` is False when the entry ``since`` names is no longer in the stream
+        (trimmed, or lost in a Redis restart), or there is more than ``limit``.
+        """
+        if self._state is BrokerState.DOWN:
+            return History([], False)
         until = self._last_id
-        if self._state is BrokerState.DOWN or parse_stream_id(until) <= parse_stream_id(since):
-            return History([], self._state is BrokerState.UP)
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 entries_request = pipe.xrevrange(self.stream, until, "(" + since, count=limit + 1)
-                info_request = pipe.xinfo_stream(self.stream)
-            entries, info = await entries_request, await info_request
+                anchor_request = pipe.xrange(self.stream, since, since, count=1)
+            entries, anchor = await entries_request, await anchor_request
         except BROKER_ERRORS as error:
             LOGGER.info("broker: could not read history after %s: %s", since, _describe(error))
             return History([], False)
-        trimmed = parse_stream_id(str(info.get("max-deleted-entry-id") or "0-0")) > (
-            parse_stream_id(since)
-        )
-        complete = len(entries) <= limit and not trimmed
+        if parse_stream_id(until) <= parse_stream_id(since):
+            entries = ()  # the reader has not passed ``since``: everything after it comes live
+        complete = bool(anchor) and len(entries) <= limit
         seen: set[tuple[str, int]] = set()
         out: list[Broadcast] = []
         for entry in reversed(entries[:limit]):
+            entry_id = str(entry.identifier)
+            if entry_id in self._skipped:
+                continue
             try:
                 origin, seq, message = decode_entry(cast("Mapping[str, str]", entry.field_values))
             except (KeyError, ValueError):
                 continue
             if (origin, seq) not in seen:
                 seen.add((origin, seq))
-                out.append(Broadcast(str(entry.identifier), message))
+                out.append(Broadcast(entry_id, message))
         return History(out, complete)
 
     async def claim_periodic(self, slot: int, interval: float) -> bool:
@@ -327,6 +344,7 @@ class RedisBroker(Broker):
 
     async def leave(self) -> None:
         member = self._require_member()
+        self._leaving = True  # no heartbeat may register this process again
         if self._state is BrokerState.DOWN:
             return  # the entry expires by itself; do not hold the exit for a timeout
         with trio.move_on_after(COMMAND_TIMEOUT_S, shield=True):
@@ -383,7 +401,11 @@ class RedisBroker(Broker):
         self.delivered_in_outage += flushed
         # Any of them may or may not have reached the stream: send them all again, readers
         # skip what they already have.
-        self._unsent = collections.deque(self._pending)
+        # Recent messages queued again after a Redis restart (older than anything pending)
+        # stay queued: a second error before they were sent must not drop them.
+        self._unsent = collections.deque(
+            [*(p for p in self._unsent if p.seq <= self._own_confirmed), *self._pending]
+        )
         self._space.unpark_all()  # waiting senders now deliver locally
         LOGGER.warning(
             "broker: Redis at %s unreachable (%s): broadcasts reach this process's clients "
@@ -446,22 +468,25 @@ class RedisBroker(Broker):
         its start; otherwise from the last id seen here.
         """
         run_id = await self._run_id()
-        try:
-            info = await self._client.xinfo_stream(self.stream)
-        except coredis.exceptions.ResponseError:
-            info = None  # no stream: Redis restarted without persistence
+        info = await self._stream_info()
         replay_from = self._last_id
-        if info is None or parse_stream_id(str(info["last-generated-id"])) < parse_stream_id(
-            self._last_id
-        ):
+        if info is None:
             LOGGER.warning(
-                "broker: stream %s is %s: reading it from the start",
+                "broker: stream %s is gone (Redis restarted without persistence?): reading the "
+                "new one from its start",
                 self.stream,
-                "gone (Redis restarted without persistence?)"
-                if info is None
-                else f"recreated (it ends at {info['last-generated-id']}, before {self._last_id})",
             )
             replay_from = "0-0"
+        elif parse_stream_id(str(info["last-generated-id"])) < parse_stream_id(self._last_id):
+            # Restored from an older snapshot: everything in it was read here already.
+            replay_from = str(info["last-generated-id"])
+            LOGGER.warning(
+                "broker: stream %s ends at %s, before the last id seen here (%s): Redis was "
+                "restored from an older snapshot; reading on from its end",
+                self.stream,
+                replay_from,
+                self._last_id,
+            )
         elif parse_stream_id(str(info.get("max-deleted-entry-id") or "0-0")) > parse_stream_id(
             self._last_id
         ):
@@ -502,10 +527,12 @@ class RedisBroker(Broker):
             self._confirm_own(seq, entry_id)
             return
         if seq <= self._seen.get(origin, 0):
-            self.duplicates_skipped += 1
+            self._skip(entry_id)
             return
-        if origin not in self._seen and len(self._seen) >= SEEN_ORIGINS_LIMIT:
-            self._seen.pop(next(iter(self._seen)))  # the oldest origin: long gone
+        # Least recently seen first: when the map is full, the origin evicted is long gone.
+        self._seen.pop(origin, None)
+        if len(self._seen) >= SEEN_ORIGINS_LIMIT:
+            self._seen.pop(next(iter(self._seen)))
         self._seen[origin] = seq
         if self._replaying:
             self.replayed += 1
@@ -514,7 +541,7 @@ class RedisBroker(Broker):
     def _confirm_own(self, seq: int, entry_id: str) -> None:
         """One of ours came back from the stream: deliver it here (unless done) and forget it."""
         if seq <= self._own_confirmed:
-            self.duplicates_skipped += 1
+            self._skip(entry_id)
             return
         self._own_confirmed = seq
         member = self._require_member()
@@ -527,6 +554,13 @@ class RedisBroker(Broker):
             # Deliver it here all the same rather than lose it.
             member.deliver(Broadcast(entry_id if pending.seq == seq else None, pending.message))
         self._space.unpark_all()
+
+    def _skip(self, entry_id: str) -> None:
+        self.duplicates_skipped += 1
+        self._skipped.add(entry_id)
+        self._skipped_order.append(entry_id)
+        if len(self._skipped_order) > self._stream_maxlen:
+            self._skipped.discard(self._skipped_order.popleft())
 
     async def _publish_loop(self) -> None:
         while True:
@@ -560,6 +594,8 @@ class RedisBroker(Broker):
         while True:
             await trio.sleep(self._heartbeat_s)
             await self._up.wait()
+            if self._leaving:
+                return
             try:
                 await self._heartbeat()
             except BROKER_ERRORS as error:
@@ -601,11 +637,17 @@ class RedisBroker(Broker):
 
     async def _stream_end(self) -> str:
         """The id of the stream's newest entry ever, so reading starts with what comes next."""
+        info = await self._stream_info()
+        return "0-0" if info is None else str(info["last-generated-id"])
+
+    async def _stream_info(self) -> Mapping[str, Any] | None:
+        """``XINFO STREAM``, or None if there is no stream (yet, or any more)."""
         try:
-            info = await self._client.xinfo_stream(self.stream)
-        except coredis.exceptions.ResponseError:
-            return "0-0"  # no stream yet
-        return str(info["last-generated-id"])
+            return cast("Mapping[str, Any]", await self._client.xinfo_stream(self.stream))
+        except coredis.exceptions.ResponseError as error:
+            if "no such key" in str(error).lower():
+                return None
+            raise
 
     def _require_member(self) -> Member:
         if self._member is None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trio_ws.protocol import WAKE, CloseCode, Frame
+from trio_ws.protocol import WAKE, CloseCode, Frame, parse_message_id
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -58,6 +58,7 @@ class Connection:
         "connected_at",
         "outbox",
         "peer",
+        "resume_floor",
         "write_through",
         "writer",
     )
@@ -90,6 +91,9 @@ class Connection:
         #: if it can, without waiting. Used only when nothing is queued, so order is kept.
         self.write_through: Callable[[bytes], Written] | None = None
         self._queued = 0  # frames offered and not yet taken by the writer
+        #: Set while a resumed client may still be offered broadcasts it was replayed (or had
+        #: before): frames with an id at or below it are dropped, until a newer one passes.
+        self.resume_floor: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id} from {self.peer}>"
@@ -97,6 +101,10 @@ class Connection:
     def offer(self, frame: Frame) -> bool:
         """Deliver ``frame`` without waiting: write it through if nothing is queued, else queue
         it. False if the outbox is full or closed."""
+        if self.resume_floor is not None and frame.message_id is not None:
+            if parse_message_id(frame.message_id) <= self.resume_floor:
+                return True  # the client has it already
+            self.resume_floor = None  # broadcasts arrive in id order: no more old ones
         if not self._queued and self.write_through is not None:
             written = self.write_through(frame.wire)
             if written is Written.ALL:
