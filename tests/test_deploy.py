@@ -149,6 +149,9 @@ def test_kubernetes_example_waits_for_the_drain_and_probes_ready_and_health() ->
     env = {item["name"]: item["value"] for item in container["env"]}
     assert float(env["TRIO_WS_DRAIN_TIMEOUT"]) == Settings().drain_timeout
     assert float(env["TRIO_WS_PING_INTERVAL"]) < 60  # ingress-nginx's default read timeout
+    # Several replicas only share broadcasts through a broker (README, "Scaling").
+    if objects["Deployment"]["spec"].get("replicas", 1) > 1:
+        assert Settings(redis_url=env["TRIO_WS_REDIS_URL"]).redis_url is not None
     [port] = container["ports"]
     assert port["containerPort"] == 8000  # the Dockerfile's TRIO_WS_PORT
     assert "TRIO_WS_PORT=8000" in (DEPLOY / "Dockerfile").read_text()
