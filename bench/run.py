@@ -20,6 +20,7 @@ import argparse
 import atexit
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -517,6 +518,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
     args = parser.parse_args()
+    if WITH_BROKER & set(args.servers) and shutil.which("redis-server") is None:
+        parser.error(
+            "redis-server is not installed: trio_ws+redis needs it (Debian: apt-get install "
+            "redis-server), or leave that server out with --servers"
+        )
     results: dict[str, dict[str, Any]] = {}
     for scenario in args.scenarios:
         for name in args.servers:
