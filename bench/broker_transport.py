@@ -47,13 +47,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -69,11 +65,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import cpu_seconds, percentile  # noqa: E402
-from bench.run import Server, aggregate, free_port  # noqa: E402
-from trio_ws.broker import parse_stream_id  # noqa: E402
+from bench.run import Server, aggregate, redis_server  # noqa: E402
+from trio_ws.protocol import parse_message_id  # noqa: E402
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Mapping
 
     from coredis.response.types import StreamEntry
 
@@ -282,7 +278,7 @@ async def read_pubsub(client: coredis.Redis[str], key: str, tracker: Tracker) ->
                     for entry in await client.xrange(key, "(" + last_id, "+"):
                         _deliver(tracker, _fields(entry), time.time_ns())
                         last_id = str(entry.identifier)
-                        last = parse_stream_id(last_id)
+                        last = parse_message_id(last_id)
                 tracker.say_ready()
                 delay = 0.05
                 while True:
@@ -293,7 +289,7 @@ async def read_pubsub(client: coredis.Redis[str], key: str, tracker: Tracker) ->
                     tracker.reads += 1
                     # "<stream id>\n<fields as JSON>": the id is where to resume from the stream.
                     entry_id, _, body = str(message["data"]).partition("\n")
-                    position = parse_stream_id(entry_id)
+                    position = parse_message_id(entry_id)
                     if last is not None and position <= last:
                         tracker.skipped += 1  # already replayed from the stream
                         continue
@@ -519,60 +515,6 @@ def summarize(
             sum(r["received"] for r in reports) / max(1, sum(r["reads"] for r in reports)), 2
         ),
     }
-
-
-@contextmanager
-def redis_server() -> Iterator[Server]:
-    """A private redis-server on a free loopback port, without persistence; stopped by PID."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not on PATH")
-    with tempfile.TemporaryDirectory(prefix="broker_transport-") as tmp:
-        port = free_port()
-        log = Path(tmp) / "redis.log"
-        process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                tmp,
-                "--logfile",
-                str(log),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            while not _answers_ping(port):
-                if time.monotonic() > deadline or process.poll() is not None:
-                    tail = log.read_text()[-2000:] if log.exists() else ""
-                    raise RuntimeError(f"redis-server did not start:\n{tail}")
-                time.sleep(0.05)
-            yield Server(process, port)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=EXIT_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=EXIT_TIMEOUT_S)
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 async def redis_version(port: int) -> str:

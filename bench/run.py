@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -134,38 +136,21 @@ SERVERS = {
 }
 
 
-_redis: subprocess.Popen[bytes] | None = None
-_redis_port = 0
+_redis: Server | None = None
 
 
 def shared_redis() -> int:
     """The port of the one redis-server this run uses (started on first use, nothing on disk)."""
-    global _redis, _redis_port
+    global _redis
     if _redis is None:
-        _redis_port = free_port()
-        _redis = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(_redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--logfile",
-                "",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        atexit.register(_redis.kill)
-        wait_for_port(_redis_port, _redis, "redis-server")
-    return _redis_port
+        stack = contextlib.ExitStack()
+        atexit.register(stack.close)
+        _redis = stack.enter_context(redis_server())
+    return _redis.port
 
 
 def redis_cpu_s() -> float:
-    return process_cpu_s(_redis.pid) if _redis is not None else 0.0
+    return _redis.cpu_s() if _redis is not None else 0.0
 
 
 def process_cpu_s(pid: int) -> float:
@@ -198,6 +183,60 @@ class Server:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
         raise LookupError(field)
+
+
+@contextmanager
+def redis_server() -> Iterator[Server]:
+    """A private redis-server on a free loopback port, without persistence; stopped by PID."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not on PATH")
+    with tempfile.TemporaryDirectory(prefix="trio_ws-bench-") as tmp:
+        port = free_port()
+        log = Path(tmp) / "redis.log"
+        process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                tmp,
+                "--logfile",
+                str(log),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30.0
+            while not _answers_ping(port):
+                if time.monotonic() > deadline or process.poll() is not None:
+                    tail = log.read_text()[-2000:] if log.exists() else ""
+                    raise RuntimeError(f"redis-server did not start:\n{tail}")
+                time.sleep(0.05)
+            yield Server(process, port)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10.0)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10.0)
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 @contextmanager
@@ -286,6 +325,15 @@ def summarize(
     }
 
 
+def closed_loop(publisher: Publisher, messages: int, window: int, size: int) -> None:
+    """Send ``messages``, keeping ``window`` in flight (counted by the publisher's echoes)."""
+    for seq in range(1, messages + 1):
+        if seq > window:
+            publisher.wait_echo(seq - window)
+        publisher.send(seq, size)
+    publisher.wait_echo(messages)
+
+
 def fanout(
     kind: ServerKind, receivers: int, messages: int, window: int = 16, size: int = 64
 ) -> dict[str, Any]:
@@ -295,11 +343,7 @@ def fanout(
         publisher = Publisher("127.0.0.1", server.port, "/ws/publisher")
         cpu0 = server.cpu_s()
         started = time.monotonic_ns()
-        for seq in range(1, messages + 1):
-            if seq > window:
-                publisher.wait_echo(seq - window)
-            publisher.send(seq, size)
-        publisher.wait_echo(messages)
+        closed_loop(publisher, messages, window, size)
         results = collect(procs)
         cpu = server.cpu_s() - cpu0
         publisher.close()
@@ -320,11 +364,7 @@ def fanout_cluster(
         cpu0 = first.cpu_s() + second.cpu_s()
         redis0 = redis_cpu_s()
         started = time.monotonic_ns()
-        for seq in range(1, messages + 1):
-            if seq > window:
-                publisher.wait_echo(seq - window)
-            publisher.send(seq, size)
-        publisher.wait_echo(messages)
+        closed_loop(publisher, messages, window, size)
         results = collect(procs)
         cpu = first.cpu_s() + second.cpu_s() - cpu0
         redis_cpu = redis_cpu_s() - redis0

@@ -17,6 +17,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 from tests.procutil import LAUNCHER, ServerProcess, hypercorn, running
 from tests.redisutil import RedisServer, redis_server
 from tests.wsutil import close_code, http_json, next_frame, wait_until
+from trio_ws.protocol import parse_message_id
 
 
 @pytest.fixture
@@ -32,6 +33,23 @@ def cluster_env(redis: RedisServer, **extra: str) -> dict[str, str]:
         "TRIO_WS_LOG_LEVEL": "INFO",
         **extra,
     }
+
+
+@asynccontextmanager
+async def two_instances(
+    redis: RedisServer,
+) -> AsyncIterator[tuple[ServerProcess, ServerProcess, list[str]]]:
+    """Two launchers sharing ``redis``, and their WebSocket URLs."""
+    env = cluster_env(redis)
+    async with running(LAUNCHER, env) as one, running(LAUNCHER, env) as two:
+        yield one, two, [await one.ws_url(), await two.ws_url()]
+
+
+async def stop(*processes: ServerProcess) -> None:
+    """SIGTERM each (a drain with nobody left), and expect a clean exit."""
+    for process in processes:
+        process.send(signal.SIGTERM)
+        assert await process.wait_exit() == 0
 
 
 class Client:
@@ -80,16 +98,14 @@ def assert_everyone_got_everything_once_in_one_order(
         ids = [m["id"] for m in client.messages]
         assert ids == [m["id"] for m in everyone[0].messages]
     # The broker's ids: Redis Stream ids, increasing.
-    ids = [tuple(map(int, m["id"].split("-"))) for m in everyone[0].messages]
+    ids = [parse_message_id(m["id"]) for m in everyone[0].messages]
     assert ids == sorted(ids)
 
 
 async def test_two_instances_share_every_broadcast_once_in_one_order(
     redis: RedisServer, nursery: trio.Nursery
 ) -> None:
-    env = cluster_env(redis)
-    async with running(LAUNCHER, env) as one, running(LAUNCHER, env) as two:
-        urls = [await one.ws_url(), await two.ws_url()]
+    async with two_instances(redis) as (one, two, urls):
         names = [f"c{i}" for i in range(6)]
         async with clients(nursery, [urls[i % 2] for i in range(6)], names) as everyone:
             assert everyone[0].welcome["instance"] != everyone[1].welcome["instance"]
@@ -110,9 +126,7 @@ async def test_two_instances_share_every_broadcast_once_in_one_order(
             assert health["cluster"]["instances"] == 2
             assert health["broker"]["kind"] == "redis"
             assert health["broker"]["state"] == "up"
-        for process in (one, two):
-            process.send(signal.SIGTERM)
-            assert await process.wait_exit() == 0
+        await stop(one, two)
 
 
 async def wait_until_cluster(
@@ -130,9 +144,7 @@ async def wait_until_cluster(
 async def test_redis_killed_and_restarted_during_a_stream_loses_and_duplicates_nothing(
     redis: RedisServer, nursery: trio.Nursery
 ) -> None:
-    env = cluster_env(redis)
-    async with running(LAUNCHER, env) as one, running(LAUNCHER, env) as two:
-        urls = [await one.ws_url(), await two.ws_url()]
+    async with two_instances(redis) as (one, two, urls):
         names = ["pub1", "pub2", "a1", "b1"]
         async with clients(nursery, [urls[0], urls[1], urls[0], urls[1]], names) as everyone:
             publishers = everyone[:2]
@@ -180,9 +192,7 @@ async def test_redis_killed_and_restarted_during_a_stream_loses_and_duplicates_n
             _, health = await http_json(await two.base_url(), "/health")
             assert health["broker"]["outages"] == 1
             assert health["broker"]["delivered_during_outages"] > 0
-        for process in (one, two):
-            process.send(signal.SIGTERM)
-            assert await process.wait_exit() == 0
+        await stop(one, two)
 
 
 async def test_two_hypercorn_workers_share_broadcasts_and_drain_independently(
@@ -249,9 +259,7 @@ async def worker_pids(server: ServerProcess, workers: int) -> dict[str, int]:
 async def test_an_instance_drains_while_the_other_keeps_serving(
     redis: RedisServer, nursery: trio.Nursery
 ) -> None:
-    env = cluster_env(redis)
-    async with running(LAUNCHER, env) as one, running(LAUNCHER, env) as two:
-        urls = [await one.ws_url(), await two.ws_url()]
+    async with two_instances(redis) as (one, two, urls):
         async with clients(nursery, urls, ["stays-on-one", "on-two"]) as (staying, other):
             await wait_until_cluster(two, connections=2)
             one.send(signal.SIGTERM)
@@ -297,9 +305,7 @@ async def test_a_client_drained_off_one_instance_resumes_on_another_and_loses_no
 ) -> None:
     """The deploy story end to end: warned by the draining instance, the client leaves,
     reconnects to the other with the last id it saw, and gets every broadcast it missed."""
-    env = cluster_env(redis)
-    async with running(LAUNCHER, env) as old, running(LAUNCHER, env) as new:
-        urls = [await old.ws_url(), await new.ws_url()]
+    async with two_instances(redis) as (old, new, urls):
         async with clients(nursery, [urls[1]], ["publisher"]) as (publisher,):
             sent: list[str] = []
 

@@ -28,7 +28,7 @@ from tests.wsutil import (
     reset,
     wait_until,
 )
-from trio_ws.broker import parse_stream_id
+from trio_ws.protocol import parse_message_id
 from trio_ws.serving import RunningServer
 
 
@@ -60,7 +60,7 @@ async def test_welcome_then_every_message_to_everyone(server: RunningServer) -> 
             first, second = await next_frame(ws), await next_frame(ws)
             assert (first["type"], first["from"], first["text"]) == ("message", "alice", text)
             assert (second["from"], second["text"]) == (anon_welcome["client_id"], "second")
-            assert parse_stream_id(second["id"]) > parse_stream_id(first["id"])
+            assert parse_message_id(second["id"]) > parse_message_id(first["id"])
     await wait_until(lambda: len(server.hub.registry) == 0)
 
 
@@ -72,7 +72,7 @@ async def test_periodic_message(start_server: StartServer) -> None:
         assert periodic["type"] == "periodic"
         assert periodic["active_connections"] == 1
         following = await next_frame(ws)
-        assert parse_stream_id(following["id"]) > parse_stream_id(periodic["id"])
+        assert parse_message_id(following["id"]) > parse_message_id(periodic["id"])
 
 
 @pytest.mark.parametrize(

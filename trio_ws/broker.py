@@ -117,10 +117,6 @@ class StreamIds:
         return f"{self._ms}-{self._seq}", (self._ms, self._seq)
 
 
-#: Broadcast ids are Redis Stream ids.
-parse_stream_id = parse_message_id
-
-
 class Broker(abc.ABC):
     """The interface the hub uses. Sync methods never block."""
 
@@ -197,7 +193,7 @@ class LocalBroker(Broker):
         return self._history[-1][1].id if self._history else None
 
     async def history(self, since: str, limit: int) -> History:
-        key = parse_stream_id(since)
+        key = parse_message_id(since)
         newer: list[Broadcast] = []
         for entry_key, broadcast in reversed(self._history):
             if entry_key <= key:

@@ -94,7 +94,7 @@ class Hub:
         return self._state is not HubState.SERVING
 
     def is_ready(self) -> bool:
-        return self._state is HubState.SERVING and self.broker.state is BrokerState.UP
+        return self.not_ready_reason() is None
 
     def not_ready_reason(self) -> str | None:
         if self._state is not HubState.SERVING:

@@ -58,8 +58,8 @@ from trio_ws.broker import (
     History,
     Member,
     Outgoing,
-    parse_stream_id,
 )
+from trio_ws.protocol import parse_message_id
 from trio_ws.settings import redact_url
 
 if TYPE_CHECKING:
@@ -307,7 +307,7 @@ class RedisBroker(Broker):
         except BROKER_ERRORS as error:
             LOGGER.info("broker: could not read history after %s: %s", since, _describe(error))
             return History([], False)
-        if parse_stream_id(until) <= parse_stream_id(since):
+        if parse_message_id(until) <= parse_message_id(since):
             entries = ()  # the reader has not passed ``since``: everything after it comes live
         complete = bool(anchor) and len(entries) <= limit
         seen: set[tuple[str, int]] = set()
@@ -477,7 +477,7 @@ class RedisBroker(Broker):
                 self.stream,
             )
             replay_from = "0-0"
-        elif parse_stream_id(str(info["last-generated-id"])) < parse_stream_id(self._last_id):
+        elif parse_message_id(str(info["last-generated-id"])) < parse_message_id(self._last_id):
             # Restored from an older snapshot: everything in it was read here already.
             replay_from = str(info["last-generated-id"])
             LOGGER.warning(
@@ -487,7 +487,7 @@ class RedisBroker(Broker):
                 replay_from,
                 self._last_id,
             )
-        elif parse_stream_id(str(info.get("max-deleted-entry-id") or "0-0")) > parse_stream_id(
+        elif parse_message_id(str(info.get("max-deleted-entry-id") or "0-0")) > parse_message_id(
             self._last_id
         ):
             LOGGER.warning(
