@@ -66,7 +66,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import cpu_seconds, percentile  # noqa: E402
 from bench.run import Server, aggregate, redis_server  # noqa: E402
-from trio_ws.protocol import parse_message_id  # noqa: E402
+from trio_ws.core.protocol import parse_message_id  # noqa: E402
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

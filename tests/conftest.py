@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import trio
 
-from trio_ws.serving import RunningServer, serve
+from trio_ws.hosting.launcher import RunningServer, serve
 from trio_ws.settings import Settings
 
 StartServer = Callable[..., Awaitable[RunningServer]]
@@ -38,3 +38,15 @@ def start_server(nursery: trio.Nursery, settings: Settings) -> StartServer:
 @pytest.fixture
 async def server(start_server: StartServer) -> RunningServer:
     return await start_server()
+
+
+_LAYERS = ("unit", "integration", "system")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with the folder it lives in, so ``-m unit`` (or ``-m "not system"``)
+    selects a layer from anywhere."""
+    for item in items:
+        for layer in _LAYERS:
+            if f"/tests/{layer}/" in item.path.as_posix():
+                item.add_marker(getattr(pytest.mark, layer))

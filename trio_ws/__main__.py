@@ -1,7 +1,7 @@
-"""``python -m trio_ws``: the launcher (see :mod:`trio_ws.cli`)."""
+"""``python -m trio_ws``: the launcher (see :mod:`trio_ws.hosting.cli`)."""
 
 import sys
 
-from trio_ws.cli import main
+from trio_ws.hosting.cli import main
 
 sys.exit(main())

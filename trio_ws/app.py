@@ -6,9 +6,9 @@ Settings come from the ``TRIO_WS_*`` environment variables; ``create_app`` build
 
 from __future__ import annotations
 
-from trio_ws import runmode
+from trio_ws.hosting import modes as runmode
 from trio_ws.settings import SettingsError
-from trio_ws.web import create_app
+from trio_ws.shell.app import create_app
 
 __all__ = ["app", "create_app"]
 

@@ -17,7 +17,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 from tests.procutil import LAUNCHER, ServerProcess, hypercorn, running
 from tests.redisutil import RedisServer, redis_server
 from tests.wsutil import close_code, http_json, next_frame, wait_until
-from trio_ws.protocol import parse_message_id
+from trio_ws.core.protocol import parse_message_id
 
 
 @pytest.fixture
@@ -235,7 +235,7 @@ async def test_two_hypercorn_workers_share_broadcasts_and_drain_independently(
             # draining (it owns SIGTERM) and serving its own clients.
             for client in a_clients:
                 await client.ws.aclose()
-            await server.wait_for_line(rf"\[{pids[a]}\] trio_ws\.drain: drain finished")
+            await server.wait_for_line(rf"\[{pids[a]}\] trio_ws\.core\.drain: drain finished")
             await trio.sleep(0.5)
             assert server.process.returncode is None
             await b_clients[0].ws.send_message("after A left")
@@ -243,14 +243,14 @@ async def test_two_hypercorn_workers_share_broadcasts_and_drain_independently(
             for client in b_clients:
                 await client.ws.aclose()
         assert await server.wait_exit(timeout=20) == 0
-        assert server.count(rf"\[{pids[b]}\] trio_ws\.drain: drain finished") == 1
+        assert server.count(rf"\[{pids[b]}\] trio_ws\.core\.drain: drain finished") == 1
         assert server.count(r"Traceback") == 0
         assert server.count(r"without a broker") == 0  # the multi-worker warning is for no broker
 
 
 async def worker_pids(server: ServerProcess, workers: int) -> dict[str, int]:
     """Instance id -> PID of each worker, from the broker's startup line."""
-    pattern = r"\[(\d+)\] trio_ws\.redis_broker: broker: Redis at .* instance (\w+);"
+    pattern = r"\[(\d+)\] trio_ws\.brokers\.redis: broker: Redis at .* instance (\w+);"
     await wait_until(lambda: server.count(pattern) >= workers, timeout=20)
     found = (re.search(pattern, line) for line in server.lines)
     return {match.group(2): int(match.group(1)) for match in found if match}

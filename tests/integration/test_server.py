@@ -28,8 +28,8 @@ from tests.wsutil import (
     reset,
     wait_until,
 )
-from trio_ws.protocol import parse_message_id
-from trio_ws.serving import RunningServer
+from trio_ws.core.protocol import parse_message_id
+from trio_ws.hosting.launcher import RunningServer
 
 
 def host_port(server: RunningServer) -> tuple[str, int]:
@@ -116,9 +116,9 @@ async def test_the_app_itself_enforces_the_size_in_bytes() -> None:
     """Under the hypercorn CLI Hypercorn's own limit is 16 MiB; the app closes with 1009."""
     from quart.testing.connections import WebsocketDisconnectError
 
-    from trio_ws.runmode import RunMode
+    from trio_ws.hosting.modes import RunMode
     from trio_ws.settings import Settings
-    from trio_ws.web import create_app
+    from trio_ws.shell.app import create_app
 
     app = create_app(Settings(max_message_size=1024), run_mode=RunMode.EMBEDDED)
     async with app.test_app() as test_app:
@@ -127,7 +127,7 @@ async def test_the_app_itself_enforces_the_size_in_bytes() -> None:
             welcome = json.loads(await ws.receive())
             assert welcome["type"] == "welcome"
             # Quart's test client has no Hypercorn socket: the fallback writer serves it.
-            assert app.extensions["trio_ws.hub"].registry.get("multibyte").writer == "quart"
+            assert app.extensions["trio_ws.core.hub"].registry.get("multibyte").writer == "quart"
             await ws.send("€" * 342)  # 342 characters, 1026 bytes
             with pytest.raises(WebsocketDisconnectError) as info:
                 await ws.receive()
@@ -441,7 +441,7 @@ async def test_oversized_frame_from_a_client_that_never_answers_the_close(
 
 async def test_an_error_closing_one_client_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     """``web._close`` is where a close can fail for real (the socket is already gone)."""
-    from trio_ws.web import _close
+    from trio_ws.shell.app import _close
 
     class GoneSocket:
         async def close(self, code: int, reason: str) -> None:

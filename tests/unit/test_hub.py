@@ -11,10 +11,10 @@ import pytest
 import trio
 import trio.testing
 
-from trio_ws.broker import LocalBroker
-from trio_ws.hub import Hub, HubState
-from trio_ws.protocol import ClientIdError, CloseCode
-from trio_ws.registry import Connection
+from trio_ws.brokers.local import LocalBroker
+from trio_ws.core.hub import Hub, HubState
+from trio_ws.core.protocol import ClientIdError, CloseCode
+from trio_ws.core.registry import Connection
 from trio_ws.settings import Settings
 
 
@@ -28,7 +28,12 @@ def frames(conn: Connection) -> list[dict[str, Any]]:
 
 
 def make_hub(**changes: Any) -> Hub:
-    return Hub(Settings(**changes), instance_id="i1", wall_clock=lambda: 1_000.0)
+    return Hub(
+        Settings(**changes),
+        broker=LocalBroker(lambda: 1_000.0),
+        instance_id="i1",
+        wall_clock=lambda: 1_000.0,
+    )
 
 
 def test_connect_queues_a_welcome_first() -> None:

@@ -1,11 +1,11 @@
 """The hub: the server's core, with no knowledge of Quart or Hypercorn.
 
-It owns the registry and hands broadcasts to a broker (:mod:`trio_ws.broker`: in-process by
+It owns the registry and hands broadcasts to a broker (:mod:`trio_ws.core.broker`: in-process by
 default, Redis for a cluster), which numbers them and delivers every broadcast of the cluster back
 through :meth:`Hub.deliver`. It runs three sibling tasks in whatever nursery the host gives it:
 the broker, the periodic broadcaster (in its own cancel scope, cancelled when the drain starts)
 and the drain watcher (which waits for a drain request, warns every client, then runs
-:func:`trio_ws.drain.drain` under its ``move_on_after`` deadline). The broker keeps delivering
+:func:`trio_ws.core.drain.drain` under its ``move_on_after`` deadline). The broker keeps delivering
 the cluster's broadcasts to the clients still here until the drain is over; then
 :meth:`Hub.wait_stopped` returns, which is what the serving layer turns into "shut down now".
 
@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from trio_ws import protocol
-from trio_ws.broker import Broadcast, Broker, BrokerState, LocalBroker, Outgoing
-from trio_ws.drain import DrainOutcome, DrainPolicy, drain
-from trio_ws.protocol import CloseCode, Frame
-from trio_ws.registry import Connection, Registry
+from trio_ws.core import protocol
+from trio_ws.core.broker import Broadcast, Broker, BrokerState, Outgoing
+from trio_ws.core.drain import DrainOutcome, DrainPolicy, drain
+from trio_ws.core.protocol import CloseCode, Frame
+from trio_ws.core.registry import Connection, Registry
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -56,7 +56,7 @@ class Hub:
         self,
         settings: Settings,
         *,
-        broker: Broker | None = None,
+        broker: Broker,
         instance_id: str | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -64,7 +64,7 @@ class Hub:
         self.registry = Registry()
         #: Names this process in the welcome frame, /health and the cluster.
         self.instance_id = instance_id if instance_id is not None else protocol.new_instance_id()
-        self.broker = broker if broker is not None else LocalBroker(wall_clock)
+        self.broker = broker
         self.policy = DrainPolicy(
             deadline_s=settings.drain_timeout, progress_every_s=settings.progress_interval
         )
@@ -112,7 +112,7 @@ class Hub:
         An older connection with the same id is asked to close with 4500: the newest wins, so a
         reconnecting client is never locked out by its own stale connection.
 
-        Errors: :class:`trio_ws.protocol.ClientIdError` for a bad id; :class:`RuntimeError` if
+        Errors: :class:`trio_ws.core.protocol.ClientIdError` for a bad id; :class:`RuntimeError` if
         the hub is draining (callers check :attr:`draining` and refuse with 1001 first).
         """
         if self.draining:
@@ -312,7 +312,7 @@ class Hub:
         """Run the broker, the periodic broadcaster and the drain watcher; return when the
         drain is over.
 
-        Errors: :class:`trio_ws.broker.BrokerUnavailableError` before ``started`` if the broker
+        Errors: :class:`trio_ws.core.broker.BrokerUnavailableError` before ``started`` if the broker
         cannot be reached.
         """
         async with trio.open_nursery() as nursery:

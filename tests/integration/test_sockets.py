@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import socket
 
-from trio_ws.sockets import set_stall_timeout_on_listeners
+from trio_ws.hosting.sockets import set_stall_timeout_on_listeners
 
 
 def test_listeners_get_tcp_user_timeout_and_accepted_sockets_inherit_it() -> None:

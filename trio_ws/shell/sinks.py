@@ -3,7 +3,7 @@
 Why: Quart's ``websocket.send`` goes through Quart's ASGI layer, Hypercorn's WSStream and
 wsproto, a lock and a shielded ``send_all`` for every frame to every client; profiling showed
 that path as most of the server's CPU in a broadcast. Server frames are unmasked, so the bytes
-of a frame are the same for every client: :class:`trio_ws.protocol.Frame` builds them once per
+of a frame are the same for every client: :class:`trio_ws.core.protocol.Frame` builds them once per
 broadcast. Two ways to write them:
 
 * :meth:`DirectWriter.try_write`, called by the broadcast itself for a client with nothing
@@ -31,7 +31,7 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import ASGIWebsocketState
 from wsproto.connection import ConnectionState
 
-from trio_ws.registry import Written
+from trio_ws.core.registry import Written
 
 if TYPE_CHECKING:
     from types import TracebackType

@@ -8,7 +8,6 @@ close, cancellation).
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from pathlib import Path
@@ -18,18 +17,21 @@ import trio
 from quart import render_template, websocket
 from quart_trio import QuartTrio
 
-from trio_ws import __version__, protocol, runmode
-from trio_ws.broker import Broker, BrokerUnavailableError, LocalBroker
-from trio_ws.hub import REFUSED_REASON, Hub, HubState
-from trio_ws.logs import configure_logging
-from trio_ws.protocol import ClientIdError, CloseCode, ResumeError
-from trio_ws.runmode import RunMode
+from trio_ws import __version__
+from trio_ws.core import protocol
+from trio_ws.core.broker import BrokerUnavailableError
+from trio_ws.core.hub import REFUSED_REASON, Hub, HubState
+from trio_ws.core.protocol import ClientIdError, CloseCode, ResumeError
+from trio_ws.hosting import modes as runmode
+from trio_ws.hosting.compose import create_hub, tune_gc
+from trio_ws.hosting.logs import configure_logging
+from trio_ws.hosting.modes import RunMode
+from trio_ws.hosting.sockets import set_stall_timeout_on_listeners
 from trio_ws.settings import Settings
-from trio_ws.sockets import set_stall_timeout_on_listeners
-from trio_ws.transport import DirectWriter
+from trio_ws.shell.sinks import DirectWriter
 
 if TYPE_CHECKING:
-    from trio_ws.registry import Connection
+    from trio_ws.core.registry import Connection
 
 LOGGER = logging.getLogger(__name__)
 
@@ -37,44 +39,14 @@ LOGGER = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 5.0
 
 
-def tune_gc() -> None:
-    """Make the cyclic garbage collector cheap for a server's steady state.
-
-    Everything built at startup (modules, the app) is moved out of the collector's sight
-    (``gc.freeze``), and the youngest generation is collected every 10,000 allocations instead
-    of 700: a broadcast allocates a little per client, and frequent young collections that find
-    nothing cost a quarter of the CPU per delivery at 1,000 clients (bench/run.py, fanout1000,
-    measured before write-through with a threshold of 50,000: 26.8 -> 20.2 us). 50,000 saved no
-    more CPU than 10,000 and made each collection a pause long enough to show in connect p99
-    (11 ms against 3 ms). Reference cycles are still collected, just less often.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 50, 100)
-    LOGGER.info("garbage collector: startup objects frozen, thresholds %s", gc.get_threshold())
-
-
-def create_broker(settings: Settings) -> Broker:
-    """The broker the settings ask for: Redis with ``redis_url``, else in-process."""
-    if settings.redis_url is None:
-        # A resuming client gets at most half a queue of history: keep no more than a queue.
-        return LocalBroker(history_size=settings.queue_size)
-    from trio_ws.redis_broker import RedisBroker
-
-    return RedisBroker(
-        settings.redis_url,
-        prefix=settings.redis_prefix,
-        stream_maxlen=settings.redis_stream_maxlen,
-    )
-
-
 def templates_dir() -> Path:
     """The page's folder: inside the package when installed, the repository's ``templates/``
     when running from a checkout (or an editable install)."""
-    packaged = Path(__file__).with_name("templates")
+    package = Path(__file__).resolve().parents[1]
+    packaged = package / "templates"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parent.parent / "templates"
+    return package.parent / "templates"
 
 
 def create_app(
@@ -90,9 +62,9 @@ def create_app(
     if settings is None:
         settings = Settings.from_env(os.environ)
     configure_logging(settings.log_level_number)
-    hub = hub if hub is not None else Hub(settings, broker=create_broker(settings))
+    hub = hub if hub is not None else create_hub(settings)
     app = QuartTrio(__name__, template_folder=str(templates_dir()))
-    app.extensions["trio_ws.hub"] = hub
+    app.extensions["trio_ws.core.hub"] = hub
     # No redirects: a WebSocket client cannot follow them, and every malformed client id
     # ("/ws//", "/ws/a/") must reach the handler to be refused with 1008 and a reason.
     app.url_map.merge_slashes = False

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from trio_ws import protocol
-from trio_ws.protocol import ClientIdError, CloseCode
+from trio_ws.core import protocol
+from trio_ws.core.protocol import ClientIdError, CloseCode
 
 
 @pytest.mark.parametrize("client_id", ["a", "alice", "A-1_b.c", "x" * 64])

@@ -14,10 +14,10 @@ import trio
 
 from tests.redisutil import RedisServer, redis_server
 from tests.wsutil import wait_until
-from trio_ws.broker import BrokerState, Outgoing
-from trio_ws.hub import Hub
-from trio_ws.redis_broker import RedisBroker, decode_entry, encode_entry
-from trio_ws.registry import Connection
+from trio_ws.brokers.redis import RedisBroker, decode_entry, encode_entry
+from trio_ws.core.broker import BrokerState, Outgoing
+from trio_ws.core.hub import Hub
+from trio_ws.core.registry import Connection
 from trio_ws.settings import Settings, redact_url
 
 

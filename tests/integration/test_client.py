@@ -5,7 +5,7 @@ import re
 import trio
 
 from trio_ws.client import build_parser, run
-from trio_ws.serving import RunningServer
+from trio_ws.hosting.launcher import RunningServer
 
 
 async def test_client_prints_frames_and_drains_away_after_the_warning(

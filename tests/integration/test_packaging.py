@@ -7,7 +7,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_wheel_carries_the_page_inside_the_package(tmp_path: Path) -> None:
@@ -35,10 +35,10 @@ def test_wheel_carries_the_page_inside_the_package(tmp_path: Path) -> None:
         .read(next(n for n in names if n.endswith("entry_points.txt")))
         .decode()
     )
-    assert "trio-ws = trio_ws.cli:main" in entry_points
+    assert "trio-ws = trio_ws.hosting.cli:main" in entry_points
 
 
 def test_checkout_finds_the_repository_templates() -> None:
-    from trio_ws.web import templates_dir
+    from trio_ws.shell.app import templates_dir
 
     assert (templates_dir() / "index.html").is_file()

@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
-from trio_ws.drain import CLOSE_GRACE_S
-from trio_ws.hub import HubState
+from trio_ws.core.drain import CLOSE_GRACE_S
+from trio_ws.core.hub import HubState
 
 if TYPE_CHECKING:
-    from trio_ws.hub import Hub
+    from trio_ws.core.hub import Hub
     from trio_ws.settings import Settings
 
 LOGGER = logging.getLogger(__name__)

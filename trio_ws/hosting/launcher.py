@@ -16,20 +16,21 @@ import hypercorn.trio
 import trio
 from hypercorn.config import Config
 
-from trio_ws.hub import Hub
-from trio_ws.runmode import (
+from trio_ws.hosting.compose import create_hub
+from trio_ws.hosting.modes import (
     SHUTDOWN_SIGNALS,
     RunMode,
     exit_watchdog,
     exit_watchdog_s,
     on_signal,
 )
-from trio_ws.sockets import set_stall_timeout_on_listeners
-from trio_ws.web import create_app, create_broker
+from trio_ws.hosting.sockets import set_stall_timeout_on_listeners
+from trio_ws.shell.app import create_app
 
 if TYPE_CHECKING:
     from quart_trio import QuartTrio
 
+    from trio_ws.core.hub import Hub
     from trio_ws.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ async def serve(
     With ``handle_signals`` (the default; needs the main thread) SIGTERM and SIGINT are owned by
     this function for its whole life. Without it, call ``RunningServer.hub.request_drain``.
     """
-    hub = Hub(settings, broker=create_broker(settings))
+    hub = create_hub(settings)
     app = create_app(settings, hub=hub, run_mode=RunMode.LAUNCHER)
     config = hypercorn_config(settings)
     finished = trio.Event()

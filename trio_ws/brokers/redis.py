@@ -49,7 +49,7 @@ import trio
 from coredis.retry import NoRetryPolicy
 from coredis.tokens import PureToken
 
-from trio_ws.broker import (
+from trio_ws.core.broker import (
     Broadcast,
     Broker,
     BrokerState,
@@ -59,7 +59,7 @@ from trio_ws.broker import (
     Member,
     Outgoing,
 )
-from trio_ws.protocol import parse_message_id
+from trio_ws.core.protocol import parse_message_id
 from trio_ws.settings import redact_url
 
 if TYPE_CHECKING:

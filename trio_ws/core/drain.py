@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trio_ws.protocol import CloseCode
+from trio_ws.core.protocol import CloseCode
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from trio_ws.registry import Registry
+    from trio_ws.core.registry import Registry
 
 LOGGER = logging.getLogger(__name__)
 

@@ -187,7 +187,7 @@ async def test_hypercorn_two_workers_warn_and_both_drain() -> None:
         async with trio.open_nursery() as nursery:
             client = await connect_websocket_url(nursery, url + "/c")
             await next_frame(client)
-            match = await server.wait_for_line(r"\[(\d+)\] trio_ws\.hub: client c connected")
+            match = await server.wait_for_line(r"\[(\d+)\] trio_ws\.core\.hub: client c connected")
             busy_pid = match.group(1)
             server.send(signal.SIGTERM)
             assert (await next_frame(client, timeout=1))["type"] == "shutdown"

@@ -8,9 +8,9 @@ import pytest
 import trio
 import trio.testing
 
-from trio_ws.drain import DrainEnd, DrainPolicy, drain
-from trio_ws.protocol import CloseCode
-from trio_ws.registry import Connection, Registry
+from trio_ws.core.drain import DrainEnd, DrainPolicy, drain
+from trio_ws.core.protocol import CloseCode
+from trio_ws.core.registry import Connection, Registry
 
 
 def progress_lines(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -9,9 +9,9 @@ import trio
 from hypercorn.protocol.ws_stream import ASGIWebsocketState
 from wsproto.connection import ConnectionState
 
-from trio_ws.protocol import ws_text_frame
-from trio_ws.registry import Written
-from trio_ws.transport import DirectWriter, _FlushFirstLock
+from trio_ws.core.protocol import ws_text_frame
+from trio_ws.core.registry import Written
+from trio_ws.shell.sinks import DirectWriter, _FlushFirstLock
 
 
 def open_ws_stream() -> SimpleNamespace:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trio_ws.protocol import WAKE, CloseCode, Frame, parse_message_id
+from trio_ws.core.protocol import WAKE, CloseCode, Frame, parse_message_id
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trio_ws import __version__, serving
-from trio_ws.logs import configure_logging
+from trio_ws import __version__
+from trio_ws.hosting import launcher as serving
+from trio_ws.hosting.logs import configure_logging
 from trio_ws.settings import LOG_LEVELS, Settings, SettingsError
 
 LOGGER = logging.getLogger(__name__)

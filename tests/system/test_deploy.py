@@ -18,10 +18,10 @@ from typing import Any
 import yaml
 
 from tests.live import require_tool
-from trio_ws.runmode import exit_watchdog_s
+from trio_ws.hosting.modes import exit_watchdog_s
 from trio_ws.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 
 #: The longest a stop can take: the drain deadline, then the launcher's exit watchdog (a send to
@@ -110,7 +110,7 @@ def test_dockerfile_runs_the_launcher_as_pid_1_and_not_as_root() -> None:
     assert re.search(r"^ENTRYPOINT \[\"trio-ws\"\]$", text, re.MULTILINE)
     # trio-ws is the launcher (README, "Run modes").
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["trio-ws"] == "trio_ws.cli:main"
+    assert scripts["trio-ws"] == "trio_ws.hosting.cli:main"
     uid, gid = dockerfile_user()
     assert uid != 0
     assert gid != 0

@@ -6,8 +6,8 @@ import pytest
 import trio
 import trio.testing
 
-from trio_ws.protocol import CloseCode, Frame
-from trio_ws.registry import Connection, Registry
+from trio_ws.core.protocol import CloseCode, Frame
+from trio_ws.core.registry import Connection, Registry
 
 
 def connection(client_id: str, queue_size: int = 4) -> Connection:
