@@ -6,9 +6,9 @@ Settings come from the ``TRIO_WS_*`` environment variables; ``create_app`` build
 
 from __future__ import annotations
 
-from trio_ws.hosting import modes as runmode
+from trio_ws.hosting import hypercorn_cli
+from trio_ws.hosting.compose import build_app as create_app
 from trio_ws.settings import SettingsError
-from trio_ws.shell.app import create_app
 
 __all__ = ["app", "create_app"]
 
@@ -17,4 +17,4 @@ try:
 except SettingsError as error:
     # A clear one-line error and a non-zero exit, instead of a traceback from Hypercorn's loader.
     raise SystemExit(f"trio_ws: invalid configuration: {error}") from None
-runmode.prepare_process()
+hypercorn_cli.prepare_process()

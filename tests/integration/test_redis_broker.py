@@ -16,6 +16,7 @@ from tests.redisutil import RedisServer, redis_server
 from tests.wsutil import wait_until
 from trio_ws.brokers.redis import RedisBroker, decode_entry, encode_entry
 from trio_ws.core.broker import BrokerState, Outgoing
+from trio_ws.core.health import health_report
 from trio_ws.core.hub import Hub
 from trio_ws.core.registry import Connection
 from trio_ws.settings import Settings, redact_url
@@ -35,13 +36,11 @@ def make_hub(redis: RedisServer, name: str, **broker_options: Any) -> Hub:
 
 def received(connection: Connection) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    while True:
-        try:
-            frame = json.loads(connection.outbox.receive_nowait().text)
-        except trio.WouldBlock:
-            return out
+    for queued in connection.outbox.take_queued():
+        frame = json.loads(queued.text)
         if frame["type"] in ("message", "periodic"):
             out.append(frame)
+    return out
 
 
 def test_entries_round_trip_and_urls_hide_passwords() -> None:
@@ -155,7 +154,7 @@ async def test_a_crashed_process_drops_out_of_the_cluster_count(redis: RedisServ
         assert cluster is not None
         assert cluster.instances == 2
         await wait_until(lambda: survivor.cluster_connections() == 1, timeout=3)
-        assert survivor.health()["cluster"]["instances"] == 1
+        assert health_report(survivor)["cluster"]["instances"] == 1
         nursery.cancel_scope.cancel()
 
 
@@ -174,7 +173,7 @@ async def test_publishing_during_an_outage_reaches_local_clients_at_once(
         assert [(f["id"], f["text"]) for f in frames] == [(None, "while Redis is down")]
         await redis.start()
         await wait_until(lambda: hub.broker.state is BrokerState.UP, timeout=10)
-        assert hub.is_ready()
+        assert hub.not_ready_reason() is None
         await hub.publish("a", "after")
 
         def both_arrived() -> bool:
@@ -217,8 +216,8 @@ async def test_the_cluster_count_includes_this_process_as_of_now(redis: RedisSer
         conn = this.connect("t", "p")
         # No heartbeat since: its own client counts at once, in the welcome too.
         assert this.cluster_connections() == 2
-        assert json.loads(conn.outbox.receive_nowait().text)["active_connections"] == 2
-        assert this.health()["cluster"]["connections"] == 2
+        assert json.loads(conn.outbox.take_queued()[0].text)["active_connections"] == 2
+        assert health_report(this)["cluster"]["connections"] == 2
         nursery.cancel_scope.cancel()
 
 
@@ -231,16 +230,16 @@ async def test_resuming_after_a_redis_restart_replays_no_copies(redis: RedisServ
         await nursery.start(hub.run)
         for i in range(5):
             await hub.publish("seen", f"m{i}")
-        await wait_until(lambda: hub.health()["broker"]["pending"] == 0)
+        await wait_until(lambda: health_report(hub)["broker"]["pending"] == 0)
         since = received(seen)[-1]["id"]
         await redis.kill()
         await wait_until(lambda: hub.broker.state is BrokerState.DOWN, timeout=10)
         # A periodic message during the outage stays local: it is not sent to the cluster later.
         await hub.broadcast_periodic()
-        assert hub.health()["broker"]["pending"] == 0
+        assert health_report(hub)["broker"]["pending"] == 0
         await redis.start()
         await wait_until(lambda: hub.broker.state is BrokerState.UP, timeout=10)
-        await wait_until(lambda: hub.health()["broker"]["duplicates_skipped"] == 5)
+        await wait_until(lambda: health_report(hub)["broker"]["duplicates_skipped"] == 5)
         back = hub.connect("back", "p", resuming=True)
         await hub.resume(back, since)
         await trio.sleep(0.3)

@@ -116,9 +116,9 @@ async def test_the_app_itself_enforces_the_size_in_bytes() -> None:
     """Under the hypercorn CLI Hypercorn's own limit is 16 MiB; the app closes with 1009."""
     from quart.testing.connections import WebsocketDisconnectError
 
+    from trio_ws.app import create_app
     from trio_ws.hosting.modes import RunMode
     from trio_ws.settings import Settings
-    from trio_ws.shell.app import create_app
 
     app = create_app(Settings(max_message_size=1024), run_mode=RunMode.EMBEDDED)
     async with app.test_app() as test_app:
@@ -127,7 +127,7 @@ async def test_the_app_itself_enforces_the_size_in_bytes() -> None:
             welcome = json.loads(await ws.receive())
             assert welcome["type"] == "welcome"
             # Quart's test client has no Hypercorn socket: the fallback writer serves it.
-            assert app.extensions["trio_ws.core.hub"].registry.get("multibyte").writer == "quart"
+            assert app.hub.registry.get("multibyte").writer == "asgi"  # type: ignore[union-attr]
             await ws.send("€" * 342)  # 342 characters, 1026 bytes
             with pytest.raises(WebsocketDisconnectError) as info:
                 await ws.receive()
@@ -177,8 +177,8 @@ async def test_drain_warns_refuses_new_and_reports(server: RunningServer) -> Non
         assert (await next_frame(stayer))["text"] == "still talking"
     with trio.fail_after(1):
         await server.hub.wait_stopped()
-    assert server.hub.outcome is not None
-    assert server.hub.outcome.end.value == "drained"
+    assert server.hub.drain.outcome is not None
+    assert server.hub.drain.outcome.end.value == "drained"
 
 
 async def test_deadline_closes_remaining_clients_with_1001(
@@ -199,8 +199,8 @@ async def test_deadline_closes_remaining_clients_with_1001(
             assert (ws.closed.code, ws.closed.reason) == (1001, "drain deadline reached")
         assert trio.current_time() - started == pytest.approx(1800, abs=1)
     await server.hub.wait_stopped()
-    assert server.hub.outcome is not None
-    assert server.hub.outcome.closed_by_server == 2
+    assert server.hub.drain.outcome is not None
+    assert server.hub.drain.outcome.closed_by_server == 2
 
 
 async def test_no_clients_stops_at_once_and_closes_the_listener(server: RunningServer) -> None:
@@ -441,13 +441,13 @@ async def test_oversized_frame_from_a_client_that_never_answers_the_close(
 
 async def test_an_error_closing_one_client_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     """``web._close`` is where a close can fail for real (the socket is already gone)."""
-    from trio_ws.shell.app import _close
+    from trio_ws.shell.websocket import _close
 
     class GoneSocket:
         async def close(self, code: int, reason: str) -> None:
             raise RuntimeError("Cannot close websocket: already closed")
 
-    await _close(GoneSocket(), 1001, "drain deadline reached", "alice")
+    await _close(GoneSocket(), 1001, "drain deadline reached", "alice")  # type: ignore[arg-type]
     assert "error closing client alice with 1001: RuntimeError(" in caplog.text
 
 
@@ -571,7 +571,7 @@ async def test_websocket_over_http2_stays_inside_http2_frames(server: RunningSer
             if out := conn.data_to_send():
                 await sock.send(out)
     assert data.startswith(b"\x81")  # a WebSocket text frame, inside HTTP/2 DATA
-    assert server.hub.registry.get("h2client").writer == "quart"  # type: ignore[union-attr]
+    assert server.hub.registry.get("h2client").writer == "asgi"  # type: ignore[union-attr]
     sock.close()
 
 

@@ -1,4 +1,4 @@
-"""The direct writer on a real socket pair: partial writes are completed before anything else."""
+"""The direct sink on a real socket pair: partial writes are completed before anything else."""
 
 from __future__ import annotations
 
@@ -9,9 +9,24 @@ import trio
 from hypercorn.protocol.ws_stream import ASGIWebsocketState
 from wsproto.connection import ConnectionState
 
-from trio_ws.core.protocol import ws_text_frame
-from trio_ws.core.registry import Written
-from trio_ws.shell.sinks import DirectWriter, _FlushFirstLock
+from trio_ws.core.outbox import Written
+from trio_ws.core.protocol import Frame, ws_text_frame
+from trio_ws.shell.sinks import DirectSink, _FlushFirstLock
+
+
+def raw(data: bytes) -> Frame:
+    """A frame whose wire bytes are ``data`` exactly."""
+    return Frame("-", wire=data)
+
+
+async def no_asgi_send(message: dict[str, object]) -> None:
+    raise AssertionError(f"the direct sink wrote through ASGI: {message}")
+
+
+def direct_sink(
+    ws_stream: SimpleNamespace, sock: trio.socket.SocketType, lock: trio.Lock
+) -> DirectSink:
+    return DirectSink(no_asgi_send, ws_stream, trio.SocketStream(sock), lock)
 
 
 def open_ws_stream() -> SimpleNamespace:
@@ -35,10 +50,10 @@ async def test_hypercorn_waits_for_a_half_written_frame() -> None:
     a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     lock = trio.Lock()
-    writer = DirectWriter(open_ws_stream(), trio.SocketStream(a), lock)
+    writer = direct_sink(open_ws_stream(), a, lock)
     frame = ws_text_frame(b"z" * 300_000)  # far more than the socket buffers hold
-    assert writer.try_write(frame) is Written.PARTIAL
-    assert writer.try_write(b"next") is Written.NOTHING  # nothing jumps a pending frame
+    assert writer.try_write(raw(frame)) is Written.PARTIAL
+    assert writer.try_write(raw(b"next")) is Written.NOTHING  # nothing jumps a pending frame
     hypercorn_lock = _FlushFirstLock(lock, writer)
 
     async def hypercorn_sends_a_pong() -> None:
@@ -56,11 +71,11 @@ async def test_hypercorn_waits_for_a_half_written_frame() -> None:
 async def test_writer_send_finishes_the_pending_frame_first() -> None:
     a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    writer = DirectWriter(open_ws_stream(), trio.SocketStream(a), trio.Lock())
+    writer = direct_sink(open_ws_stream(), a, trio.Lock())
     first, second = ws_text_frame(b"1" * 200_000), ws_text_frame(b"2" * 1000)
-    assert writer.try_write(first) is Written.PARTIAL
+    assert writer.try_write(raw(first)) is Written.PARTIAL
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(writer.send, second)
+        nursery.start_soon(writer.write, [raw(second)])
         received = await read_exactly(b, len(first) + len(second))
     assert received == first + second
     a.close()
@@ -70,10 +85,10 @@ async def test_writer_send_finishes_the_pending_frame_first() -> None:
 async def test_nothing_is_written_once_the_websocket_is_closing() -> None:
     a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ws_stream = open_ws_stream()
-    writer = DirectWriter(ws_stream, trio.SocketStream(a), trio.Lock())
+    writer = direct_sink(ws_stream, a, trio.Lock())
     ws_stream.connection.state = ConnectionState.REMOTE_CLOSING
-    assert writer.try_write(b"late") is Written.ALL  # dropped: the connection is ending
-    assert not await writer.send(b"late")
+    assert writer.try_write(raw(b"late")) is Written.ALL  # dropped: the connection is ending
+    assert not await writer.write([raw(b"late")])
     a.close()
     with trio.fail_after(1):
         assert await b.recv(10) == b""

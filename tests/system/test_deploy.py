@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from tests.live import require_tool
-from trio_ws.hosting.modes import exit_watchdog_s
+from trio_ws.hosting.signals import exit_watchdog_s
 from trio_ws.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

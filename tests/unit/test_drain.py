@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_ws.core.drain import DrainEnd, DrainPolicy, drain
+from trio_ws.core.drain import DrainEnd, DrainPolicy, DrainTally, drain
 from trio_ws.core.protocol import CloseCode
 from trio_ws.core.registry import Connection, Registry
 
@@ -45,14 +45,18 @@ async def test_deadline_closes_the_rest_with_1001(
     registry, conns = registry_with(3)
 
     async def close_handshake(conn: Connection) -> None:
-        await conn.wait_close_requested()
+        with trio.CancelScope() as scope:
+            conn.bind_close(scope)  # as the shell does: a close request cancels its I/O
+            await trio.sleep_forever()
         await trio.sleep(0.5)
+        tally.count(conn)  # as Hub.disconnect does, through Drain.note_gone
         registry.remove(conn)
 
+    tally = DrainTally(at_start=3)
     async with trio.open_nursery() as nursery:
         for conn in conns:
             nursery.start_soon(close_handshake, conn)
-        outcome = await drain(registry, DrainPolicy(), trio.Event())
+        outcome = await drain(registry, DrainPolicy(), trio.Event(), tally)
     assert outcome.end is DrainEnd.DEADLINE
     assert outcome.duration_s == 1800.5
     assert (outcome.connections_at_start, outcome.closed_by_server) == (3, 3)
@@ -67,8 +71,8 @@ async def test_deadline_closes_the_rest_with_1001(
         "drain deadline of 1800s reached: closing 3 remaining connections with 1001"
     ]
     assert caplog.records[-1].getMessage() == (
-        "drain finished (deadline) in 1800.5s: 3 connections at start, 0 left by themselves, "
-        "3 closed by the server"
+        "drain finished (deadline) in 1800.5s: 3 connections at start: 0 left by themselves, "
+        "0 closed as slow (4008), 3 closed at the deadline (1001), 0 closed for other reasons"
     )
 
 
@@ -92,7 +96,7 @@ async def test_returns_when_the_last_client_leaves(
     assert not b.close_requested
     assert progress_lines(caplog) == [
         "drain progress: 2 connections left, 10.0s elapsed, 1790.0s left",
-        "drain progress: 1 connections left, 20.0s elapsed, 1780.0s left",
+        "drain progress: 1 connection left, 20.0s elapsed, 1780.0s left",
     ]
     assert "drain complete: the last client left after 25.0s" in caplog.text
 

@@ -12,19 +12,17 @@ import trio
 import trio.testing
 
 from trio_ws.brokers.local import LocalBroker
-from trio_ws.core.hub import Hub, HubState
+from trio_ws.core.drain import DrainState
+from trio_ws.core.health import health_report
+from trio_ws.core.hub import Hub
 from trio_ws.core.protocol import ClientIdError, CloseCode
 from trio_ws.core.registry import Connection
+from trio_ws.hosting.signals import on_signal
 from trio_ws.settings import Settings
 
 
 def frames(conn: Connection) -> list[dict[str, Any]]:
-    out = []
-    while True:
-        try:
-            out.append(json.loads(conn.outbox.receive_nowait().text))
-        except trio.WouldBlock:
-            return out
+    return [json.loads(frame.text) for frame in conn.outbox.take_queued()]
 
 
 def make_hub(**changes: Any) -> Hub:
@@ -109,7 +107,7 @@ async def test_periodic_every_interval_until_the_drain(
         assert [f["type"] for f in got] == ["shutdown"]  # no periodic once draining
         assert got[0]["seconds_left"] == 100
         hub.disconnect(conn)
-    assert hub.state is HubState.STOPPED
+    assert hub.drain.state is DrainState.STOPPED
     assert trio.current_time() == 85
 
 
@@ -121,19 +119,20 @@ async def test_drain_warns_everyone_and_stops_when_they_leave(
     conns = [hub.connect(f"c{i}", "p") for i in range(3)]
     async with trio.open_nursery() as nursery:
         await nursery.start(hub.run)
-        hub.handle_signal(signal.SIGTERM)
+        on_signal(hub.drain, signal.SIGTERM)
         assert hub.draining
-        assert not hub.is_ready()
+        assert hub.not_ready_reason() == "draining"
         await trio.testing.wait_all_tasks_blocked()
         for conn in conns:
             assert frames(conn)[-1]["type"] == "shutdown"
         for i, conn in enumerate(conns):
             await trio.sleep(5)
             hub.disconnect(conn)
-            assert hub.health()["active_connections"] == 2 - i
+            assert health_report(hub)["active_connections"] == 2 - i
     assert trio.current_time() == 15
-    assert hub.outcome is not None
-    assert hub.outcome.closed_by_server == 0
+    assert hub.drain.outcome is not None
+    assert hub.drain.outcome.tally.left == 3
+    assert hub.drain.outcome.tally.at_deadline == 0
     messages = [r.getMessage() for r in caplog.records]
     assert (
         "drain started (SIGTERM): 3 connections, deadline 1800s (at 1970-01-01T00:46:40.000Z)"
@@ -159,12 +158,12 @@ async def test_second_sigint_forces_but_repeated_sigterm_does_not(
     conn = hub.connect("a", "p")
     async with trio.open_nursery() as nursery:
         await nursery.start(hub.run)
-        hub.handle_signal(signal.SIGTERM)
+        on_signal(hub.drain, signal.SIGTERM)
         await trio.sleep(60)
-        hub.handle_signal(signal.SIGTERM)  # process managers repeat SIGTERM
+        on_signal(hub.drain, signal.SIGTERM)  # process managers repeat SIGTERM
         await trio.sleep(60)
         assert not conn.close_requested
-        hub.handle_signal(signal.SIGINT)  # an operator's second Ctrl+C
+        on_signal(hub.drain, signal.SIGINT)  # an operator's second Ctrl+C
         await trio.testing.wait_all_tasks_blocked()
         assert (conn.close_code, conn.close_reason) == (1001, "server shutting down now")
         hub.disconnect(conn)
@@ -174,7 +173,7 @@ async def test_second_sigint_forces_but_repeated_sigterm_does_not(
 async def test_health_reports_drain_progress(autojump_clock: trio.testing.MockClock) -> None:
     hub = make_hub(drain_timeout=600)
     hub.connect("a", "p")
-    report = hub.health()
+    report = health_report(hub)
     assert report["status"] == "ok"
     assert report["shutdown_in_progress"] is False
     assert report["drain"] is None
@@ -182,7 +181,7 @@ async def test_health_reports_drain_progress(autojump_clock: trio.testing.MockCl
         await nursery.start(hub.run)
         hub.request_drain("SIGTERM")
         await trio.sleep(30)
-        report = hub.health()
+        report = health_report(hub)
         assert report["status"] == "draining"
         assert report["shutdown_in_progress"] is True
         assert report["active_connections"] == 1
@@ -193,10 +192,14 @@ async def test_health_reports_drain_progress(autojump_clock: trio.testing.MockCl
             "time_left_s": 570.0,
             "deadline_s": 600.0,
             "connections_at_start": 1,
+            "left": 0,
+            "closed_slow": 0,
+            "closed_at_deadline": 0,
+            "closed_other": 0,
         }
         hub.force_close("test over")
         hub.disconnect(hub.registry.get("a"))  # type: ignore[arg-type]
-    assert hub.health()["status"] == "stopped"
+    assert health_report(hub)["status"] == "stopped"
 
 
 def test_connect_while_draining_is_a_programming_error() -> None:

@@ -15,12 +15,7 @@ def connection(client_id: str, queue_size: int = 4) -> Connection:
 
 
 def drain_outbox(conn: Connection) -> list[str]:
-    frames = []
-    while True:
-        try:
-            frames.append(conn.outbox.receive_nowait().text)
-        except trio.WouldBlock:
-            return frames
+    return [frame.text for frame in conn.outbox.take_queued()]
 
 
 def test_add_remove_and_count() -> None:
@@ -148,13 +143,14 @@ async def test_concurrent_connect_disconnect_storm(autojump_clock: trio.testing.
 
 
 async def test_a_backlog_comes_out_as_one_batch_within_the_limit() -> None:
-    conn = Connection("a", peer="p", connected_at=0, queue_size=10, batch_limit=9)
+    # Sizes count whole frames: a 3-byte text is a 5-byte frame.
+    conn = Connection("a", peer="p", connected_at=0, queue_size=10, batch_limit=15)
     frames = [Frame(text) for text in ["aaa", "bbb", "ccc", "dddddddddddd", "e"]]
     for frame in frames:
         assert conn.offer(frame)
-    assert await conn.receive_batch() == frames[:3]  # 9 bytes: exactly the limit
-    assert await conn.receive_batch() == [frames[3]]  # larger than the limit: alone
-    assert await conn.receive_batch() == [frames[4]]
+    assert await conn.outbox.next_batch() == frames[:3]  # 15 bytes: exactly the limit
+    assert await conn.outbox.next_batch() == [frames[3]]  # larger than the limit: alone
+    assert await conn.outbox.next_batch() == [frames[4]]
 
 
 async def test_batch_limit_0_gives_frames_one_by_one() -> None:
@@ -162,7 +158,10 @@ async def test_batch_limit_0_gives_frames_one_by_one() -> None:
     frames = [Frame("a"), Frame("b")]
     for frame in frames:
         conn.offer(frame)
-    assert [await conn.receive_batch(), await conn.receive_batch()] == [[frames[0]], [frames[1]]]
+    assert [await conn.outbox.next_batch(), await conn.outbox.next_batch()] == [
+        [frames[0]],
+        [frames[1]],
+    ]
 
 
 def test_a_closing_connection_gets_no_more_frames_and_is_not_called_slow() -> None:

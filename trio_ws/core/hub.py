@@ -1,32 +1,31 @@
-"""The hub: the server's core, with no knowledge of Quart or Hypercorn.
+"""The hub: the server's core, with no knowledge of Quart, Hypercorn or Redis.
 
-It owns the registry and hands broadcasts to a broker (:mod:`trio_ws.core.broker`: in-process by
+It owns the registry and hands broadcasts to a broker (``trio_ws.brokers``: in-process by
 default, Redis for a cluster), which numbers them and delivers every broadcast of the cluster back
-through :meth:`Hub.deliver`. It runs three sibling tasks in whatever nursery the host gives it:
-the broker, the periodic broadcaster (in its own cancel scope, cancelled when the drain starts)
-and the drain watcher (which waits for a drain request, warns every client, then runs
-:func:`trio_ws.core.drain.drain` under its ``move_on_after`` deadline). The broker keeps delivering
-the cluster's broadcasts to the clients still here until the drain is over; then
-:meth:`Hub.wait_stopped` returns, which is what the serving layer turns into "shut down now".
+through :meth:`Hub.deliver`. :meth:`Hub.run` runs three sibling tasks in whatever nursery the
+host gives it: the broker, the periodic broadcaster (in its own cancel scope, cancelled when the
+drain starts) and the drain watcher (:class:`trio_ws.core.drain.Drain`, whose ``drain()`` runs
+under its ``move_on_after`` deadline). The broker keeps delivering the cluster's broadcasts to
+the clients still here until the drain is over; then :meth:`Hub.wait_stopped` returns, which is
+what the host turns into "shut down now".
 
-Sync methods never block; only ``run`` and ``wait_*`` are async.
+Sync methods never block; only ``run``, ``resume``, ``publish`` and ``wait_*`` are async.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
-import signal
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from trio_ws.core import protocol
 from trio_ws.core.broker import Broadcast, Broker, BrokerState, Outgoing
-from trio_ws.core.drain import DrainOutcome, DrainPolicy, drain
+from trio_ws.core.drain import Drain, DrainPolicy
 from trio_ws.core.protocol import CloseCode, Frame
 from trio_ws.core.registry import Connection, Registry
+from trio_ws.core.words import plural
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -41,12 +40,6 @@ REFUSED_REASON = "server is shutting down; reconnect to another instance"
 #: write is shielded (no half frames on the wire), so this also bounds what a client that reads
 #: at a trickle can make a close or a pong wait for.
 BATCH_LIMIT_BYTES = 64 * 1024
-
-
-class HubState(enum.Enum):
-    SERVING = "serving"
-    DRAINING = "draining"
-    STOPPED = "stopped"
 
 
 class Hub:
@@ -65,43 +58,37 @@ class Hub:
         #: Names this process in the welcome frame, /health and the cluster.
         self.instance_id = instance_id if instance_id is not None else protocol.new_instance_id()
         self.broker = broker
-        self.policy = DrainPolicy(
-            deadline_s=settings.drain_timeout, progress_every_s=settings.progress_interval
+        self.drain = Drain(
+            DrainPolicy(
+                deadline_s=settings.drain_timeout, progress_every_s=settings.progress_interval
+            ),
+            wall_clock,
         )
         self._wall_clock = wall_clock
-        self._messages_broadcast = 0
-        self._refused = 0
-        self._state = HubState.SERVING
-        self._drain_requested = trio.Event()
-        self._force = trio.Event()
-        self._stopped = trio.Event()
-        self._drain_reason = ""
-        self._drain_started_at: float | None = None  # trio clock
-        self._drain_started_wall: float | None = None
-        self._drain_at_start = 0
-        self.outcome: DrainOutcome | None = None
-        self._started_wall = wall_clock()
+        self.messages_broadcast = 0
+        self.started_wall = wall_clock()
 
     # -- state ---------------------------------------------------------------------------------
 
     @property
-    def state(self) -> HubState:
-        return self._state
-
-    @property
     def draining(self) -> bool:
         """True from the drain request on: new connections are refused."""
-        return self._state is not HubState.SERVING
-
-    def is_ready(self) -> bool:
-        return self.not_ready_reason() is None
+        return self.drain.requested
 
     def not_ready_reason(self) -> str | None:
-        if self._state is not HubState.SERVING:
+        """Why a load balancer should send new clients elsewhere, or None if it need not."""
+        if self.drain.requested:
             return "draining"
         if self.broker.state is not BrokerState.UP:
             return "broker unavailable"
         return None
+
+    def wall_time(self) -> float:
+        return self._wall_clock()
+
+    @property
+    def uptime_s(self) -> float:
+        return self._wall_clock() - self.started_wall
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -141,10 +128,10 @@ class Hub:
                 previous.peer,
             )
         LOGGER.info(
-            "client %s connected from %s, %d active connections",
+            "client %s connected from %s, %s",
             client_id,
             peer,
-            len(self.registry),
+            plural(len(self.registry), "active connection"),
         )
         return connection
 
@@ -201,27 +188,18 @@ class Hub:
         """Forget ``connection`` (idempotent); called however the connection ended."""
         if not self.registry.remove(connection):
             return
-        duration = self._wall_clock() - connection.connected_at
-        if self._state is HubState.DRAINING and self._drain_started_at is not None:
-            elapsed = trio.current_time() - self._drain_started_at
-            LOGGER.info(
-                "drain: client %s %s after %.1fs of drain, %d connections remain",
-                connection.client_id,
-                "was closed" if connection.close_requested else "left",
-                elapsed,
-                len(self.registry),
-            )
-        else:
-            LOGGER.info(
-                "client %s disconnected after %.1fs, %d active connections",
-                connection.client_id,
-                duration,
-                len(self.registry),
-            )
+        if self.drain.requested:
+            self.drain.note_gone(connection, len(self.registry))
+            return
+        LOGGER.info(
+            "client %s disconnected after %.1fs, %s",
+            connection.client_id,
+            self._wall_clock() - connection.connected_at,
+            plural(len(self.registry), "active connection"),
+        )
 
     def note_refused(self, peer: str) -> None:
-        self._refused += 1
-        LOGGER.info("refused a new connection from %s during the drain (1001)", peer)
+        self.drain.note_refused(peer)
 
     # -- broadcasting --------------------------------------------------------------------------
 
@@ -241,7 +219,7 @@ class Hub:
     def deliver(self, broadcast: Broadcast) -> None:
         """Called by the broker for every broadcast of the cluster, in order: one JSON encoding,
         then a fan-out to this process's clients that never waits for a socket."""
-        self._messages_broadcast += 1
+        self.messages_broadcast += 1
         self.registry.broadcast(self._frame(broadcast))
 
     @staticmethod
@@ -274,37 +252,15 @@ class Hub:
 
     def request_drain(self, reason: str) -> bool:
         """Start the drain (idempotent); return True if this call started it."""
-        if self._drain_requested.is_set():
-            return False
-        self._drain_reason = reason
-        self._state = HubState.DRAINING
-        self._drain_requested.set()
-        return True
+        return self.drain.request(reason)
 
     def force_close(self, reason: str) -> None:
-        """Close every client now, drain or not (an operator pressing Ctrl+C twice)."""
-        LOGGER.warning("%s: closing every connection now", reason)
-        self.request_drain(reason)
-        self._force.set()
-
-    def handle_signal(self, signum: int) -> None:
-        """The first SIGTERM/SIGINT starts the drain; a second SIGINT forces it.
-
-        A repeated SIGTERM never forces: process managers repeat it (Hypercorn's parent sends
-        it to its workers more than once) without meaning "now".
-        """
-        name = signal.Signals(signum).name
-        if not self.draining:
-            LOGGER.info("received %s: starting the drain", name)
-            self.request_drain(name)
-        elif signum == signal.SIGINT and not self._stopped.is_set():
-            self.force_close(f"received a second {name}")
-        else:
-            LOGGER.info("received %s again: the drain goes on", name)
+        """Close every client now, drain or not."""
+        self.drain.force(reason)
 
     async def wait_stopped(self) -> None:
         """Return once the drain is over (every client gone or closed)."""
-        await self._stopped.wait()
+        await self.drain.wait_stopped()
 
     # -- the tasks -----------------------------------------------------------------------------
 
@@ -312,16 +268,16 @@ class Hub:
         """Run the broker, the periodic broadcaster and the drain watcher; return when the
         drain is over.
 
-        Errors: :class:`trio_ws.core.broker.BrokerUnavailableError` before ``started`` if the broker
-        cannot be reached.
+        Errors: :class:`trio_ws.core.broker.BrokerUnavailableError` before ``started`` if the
+        broker cannot be reached.
         """
         async with trio.open_nursery() as nursery:
             await nursery.start(self.broker.run, self)
             periodic = trio.CancelScope()
             nursery.start_soon(self._broadcast_periodically, periodic)
-            nursery.start_soon(self._watch_for_drain, periodic)
+            nursery.start_soon(self._watch_drain, periodic)
             task_status.started()
-            await self._stopped.wait()
+            await self.drain.wait_stopped()
             await self.broker.leave()
             nursery.cancel_scope.cancel()
 
@@ -340,79 +296,7 @@ class Hub:
                     await self.broadcast_periodic()
                 next_at += interval
 
-    async def _watch_for_drain(self, periodic: trio.CancelScope) -> None:
-        await self._drain_requested.wait()
+    async def _watch_drain(self, periodic: trio.CancelScope) -> None:
+        await self.drain.wait_requested()
         periodic.cancel()
-        self._drain_started_at = trio.current_time()
-        self._drain_started_wall = self._wall_clock()
-        self._drain_at_start = len(self.registry)
-        deadline_wall = self._drain_started_wall + self.policy.deadline_s
-        LOGGER.info(
-            "drain started (%s): %d connections, deadline %gs (at %s)",
-            self._drain_reason,
-            self._drain_at_start,
-            self.policy.deadline_s,
-            protocol.iso_time(deadline_wall),
-        )
-        warned = self.registry.broadcast(
-            Frame(
-                protocol.shutdown_frame(
-                    reason=f"server is shutting down ({self._drain_reason}); please reconnect",
-                    seconds_left=self.policy.deadline_s,
-                    ts=self._drain_started_wall,
-                )
-            )
-        )
-        LOGGER.info("drain: warned %d clients", warned)
-        try:
-            self.outcome = await drain(self.registry, self.policy, self._force)
-        finally:
-            self._state = HubState.STOPPED
-            self._stopped.set()
-
-    # -- reporting -----------------------------------------------------------------------------
-
-    def health(self) -> dict[str, Any]:
-        """What ``/health`` reports: the original design's fields plus drain progress."""
-        now = self._wall_clock()
-        stats = self.registry.statistics()
-        status = self._state.value
-        if self._state is HubState.SERVING:
-            status = "ok" if self.broker.state is BrokerState.UP else "degraded"
-        cluster = self.broker.cluster()
-        report: dict[str, Any] = {
-            "status": status,
-            "instance": self.instance_id,
-            "active_connections": stats.connections,
-            "cluster": None
-            if cluster is None
-            else {
-                "instances": cluster.instances,
-                "connections": self.cluster_connections(),
-                "draining_instances": cluster.draining_instances,
-                "age_s": round(trio.current_time() - cluster.as_of, 3),
-            },
-            "broker": self.broker.health(),
-            "shutdown_in_progress": self.draining,
-            "timestamp": protocol.iso_time(now),
-            "uptime_s": round(now - self._started_wall, 3),
-            "connections_total": stats.total_connected,
-            "slow_disconnects": stats.slow_disconnects,
-            "replaced_connections": stats.replaced,
-            "messages_broadcast": self._messages_broadcast,
-            "refused_during_drain": self._refused,
-            "drain": None,
-        }
-        if self._drain_started_at is not None and self._drain_started_wall is not None:
-            elapsed = trio.current_time() - self._drain_started_at
-            report["drain"] = {
-                "reason": self._drain_reason,
-                "started_at": protocol.iso_time(self._drain_started_wall),
-                "elapsed_s": round(elapsed, 3),
-                "time_left_s": round(
-                    self.policy.time_left(self._drain_started_at, trio.current_time()), 3
-                ),
-                "deadline_s": self.policy.deadline_s,
-                "connections_at_start": self._drain_at_start,
-            }
-        return report
+        await self.drain.watch(self.registry)

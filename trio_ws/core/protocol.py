@@ -92,11 +92,13 @@ class Frame:
 
     __slots__ = ("_wire", "message_id", "text")
 
-    def __init__(self, text: str, message_id: str | None = None) -> None:
+    def __init__(
+        self, text: str, message_id: str | None = None, *, wire: bytes | None = None
+    ) -> None:
         self.text = text
         #: The broadcast's id, for frames that carry one (message, periodic).
         self.message_id = message_id
-        self._wire: bytes | None = None
+        self._wire = wire
 
     def __repr__(self) -> str:
         return f"Frame({self.text!r})"
@@ -106,17 +108,6 @@ class Frame:
         if self._wire is None:
             self._wire = ws_text_frame(self.text.encode())
         return self._wire
-
-
-def _nothing() -> Frame:
-    frame = Frame("")
-    frame._wire = b""
-    return frame
-
-
-#: Queued to wake a client's writer when a write-through left part of a frame pending: it
-#: writes nothing itself.
-WAKE = _nothing()
 
 
 def ws_text_frame(payload: bytes) -> bytes:

@@ -2,10 +2,9 @@
 
 Theory of operation:
 
-* A :class:`Connection` is the core's view of one client: its id, peer, connect time, a bounded
-  memory channel of encoded frames (its *outbox*) and a one-shot close request. The web shell runs
-  one writer task per connection that drains the outbox into the socket, and closes the socket
-  with the requested code when asked.
+* A :class:`Connection` is the core's view of one client: its id, peer, connect time, its
+  :class:`~trio_ws.core.outbox.Outbox` and a one-shot close request. The shell runs the outbox's
+  writer, and closes the socket with the requested code when asked.
 * Everything that can be decided without waiting is synchronous (trio's design rule): ``add``,
   ``remove``, ``broadcast`` and ``close_all`` never block and never touch a socket, so one stalled
   client cannot delay a broadcast to the others. Only :meth:`Registry.wait_empty` is async.
@@ -19,38 +18,27 @@ Theory of operation:
 
 from __future__ import annotations
 
-import enum
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 
-from trio_ws.core.protocol import WAKE, CloseCode, Frame, parse_message_id
+from trio_ws.core.outbox import Outbox
+from trio_ws.core.protocol import CloseCode, Frame, parse_message_id
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
 LOGGER = logging.getLogger(__name__)
 
 
-class Written(enum.Enum):
-    """What a write-through did with a frame (see :attr:`Connection.write_through`)."""
-
-    ALL = "all"  # the socket took the whole frame
-    PARTIAL = "partial"  # it took part; the writer task must finish the rest
-    NOTHING = "nothing"  # it took nothing: queue the frame
-
-
 class Connection:
-    """One connected client, as the core sees it."""
+    """One connected client, as the core sees it: who, since when, its outbox, and whether it
+    was asked to close."""
 
     __slots__ = (
-        "_carry",
-        "_close_requested",
-        "_outbox_send",
-        "_queued",
-        "batch_limit",
+        "_close_scope",
         "client_id",
         "close_code",
         "close_reason",
@@ -59,8 +47,6 @@ class Connection:
         "outbox",
         "peer",
         "resume_floor",
-        "write_through",
-        "writer",
     )
 
     def __init__(
@@ -71,26 +57,20 @@ class Connection:
         connected_at: float,
         queue_size: int,
         batch_limit: int = 0,
+        max_bytes: int | None = None,
     ) -> None:
         self.client_id = client_id
         self.peer = peer
         #: Wall-clock time (seconds since the epoch) of the handshake.
         self.connected_at = connected_at
-        self._outbox_send, self.outbox = trio.open_memory_channel[Frame](queue_size)
-        self._close_requested = trio.Event()
+        self.outbox = Outbox(max_frames=queue_size, max_bytes=max_bytes, batch_limit=batch_limit)
         self.close_code: int | None = None
         self.close_reason = ""
         #: Set with the close request: the connection takes no more frames.
         self.closing = False
-        #: Largest batch in bytes (frames are ASCII); 0 sends every frame on its own.
-        self.batch_limit = batch_limit
-        self._carry: Frame | None = None
-        #: How the shell writes to this client's socket ("direct" or "quart"), for reports.
-        self.writer = ""
-        #: Set by the shell while its writer runs: writes a frame's bytes to the socket at once
-        #: if it can, without waiting. Used only when nothing is queued, so order is kept.
-        self.write_through: Callable[[bytes], Written] | None = None
-        self._queued = 0  # frames offered and not yet taken by the writer
+        #: The shell's scope around this connection's reading and writing, cancelled by a
+        #: close request so that the shell sends the close frame at once.
+        self._close_scope: trio.CancelScope | None = None
         #: Set while a resumed client may still be offered broadcasts it was replayed (or had
         #: before): frames with an id at or below it are dropped, until a newer one passes.
         self.resume_floor: tuple[int, int] | None = None
@@ -98,64 +78,22 @@ class Connection:
     def __repr__(self) -> str:
         return f"<Connection {self.client_id} from {self.peer}>"
 
+    @property
+    def writer(self) -> str:
+        """How frames reach this client's socket ("direct", "asgi"; "" before the writer runs)."""
+        return self.outbox.writer
+
     def offer(self, frame: Frame) -> bool:
-        """Deliver ``frame`` without waiting: write it through if nothing is queued, else queue
-        it. False if the outbox is full or closed."""
+        """Deliver ``frame`` without waiting (see :mod:`trio_ws.core.outbox`). False if the
+        outbox is full."""
         if self.resume_floor is not None and frame.message_id is not None:
             if parse_message_id(frame.message_id) <= self.resume_floor:
                 return True  # the client has it already
             self.resume_floor = None  # broadcasts arrive in id order: no more old ones
-        if not self._queued and self.write_through is not None:
-            written = self.write_through(frame.wire)
-            if written is Written.ALL:
-                return True
-            if written is Written.PARTIAL:
-                frame = WAKE  # the frame is in; the writer must finish writing it
-        try:
-            self._outbox_send.send_nowait(frame)
-        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-        self._queued += 1
-        return True
-
-    async def receive_batch(self) -> list[Frame]:
-        """Wait for the next frame; return it with the frames already queued behind it.
-
-        The batch stays within ``batch_limit`` bytes (a larger frame comes alone); a limit of 0
-        returns one frame at a time. A writer that has fallen behind thus catches up with one
-        socket write for the whole backlog, so only a client whose socket takes no data can
-        overflow its outbox.
-        """
-        first = self._carry
-        self._carry = None
-        if first is None:
-            first = await self.outbox.receive()
-        batch = [first]
-        size = len(first.text)  # ASCII: characters are bytes (plus a header of 2 to 10)
-        while size < self.batch_limit:
-            try:
-                frame = self.outbox.receive_nowait()
-            except trio.WouldBlock:
-                break
-            if size + len(frame.text) > self.batch_limit:
-                self._carry = frame
-                break
-            batch.append(frame)
-            size += len(frame.text)
-        self._queued -= len(batch)
-        return batch
+        return self.outbox.offer(frame)
 
     def take_queued(self) -> list[Frame]:
-        """Take every queued frame back (before the writer starts), to queue them again in
-        another order."""
-        frames: list[Frame] = []
-        while True:
-            try:
-                frames.append(self.outbox.receive_nowait())
-            except trio.WouldBlock:
-                break
-        self._queued -= len(frames)
-        return frames
+        return self.outbox.take_queued()
 
     def request_close(self, code: int, reason: str) -> bool:
         """Ask the shell to close this connection; the first request wins. Idempotent."""
@@ -163,15 +101,22 @@ class Connection:
             return False
         self.close_code, self.close_reason = code, reason
         self.closing = True
-        self._close_requested.set()
+        if self._close_scope is not None:
+            self._close_scope.cancel()
         return True
 
     @property
     def close_requested(self) -> bool:
         return self.closing
 
-    async def wait_close_requested(self) -> None:
-        await self._close_requested.wait()
+    def bind_close(self, scope: trio.CancelScope) -> None:
+        """Have a close request cancel ``scope`` (the shell's reading and writing).
+
+        A request made before this call cancels it at once.
+        """
+        self._close_scope = scope
+        if self.closing:
+            scope.cancel()
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +199,7 @@ class Registry:
                 "%d connections remain",
                 connection.client_id,
                 connection.peer,
-                connection.outbox.statistics().max_buffer_size,
+                connection.outbox.max_frames,
                 len(self._connections),
             )
         return delivered

@@ -1,17 +1,34 @@
-"""Settings -> broker -> hub: the one place where the parts of a server are put together."""
+"""Settings -> broker -> hub -> app: the one place where the parts of a server are put together,
+and the start-up and shutdown every run mode shares."""
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
+from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING
 
+import trio
+
+from trio_ws import __version__
 from trio_ws.brokers.local import LocalBroker
+from trio_ws.core.broker import BrokerUnavailableError
+from trio_ws.core.drain import CLOSE_GRACE_S
 from trio_ws.core.hub import Hub
+from trio_ws.hosting import hypercorn_cli, modes, signals
+from trio_ws.hosting.logs import configure_logging
+from trio_ws.hosting.modes import RunMode
+from trio_ws.hosting.sockets import tune_listeners
+from trio_ws.settings import Settings
+from trio_ws.shell.app import TrioWsApp, create_app
+from trio_ws.shell.sinks import DirectPath
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from trio_ws.core.broker import Broker
-    from trio_ws.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -50,3 +67,58 @@ def tune_gc() -> None:
     gc.freeze()
     gc.set_threshold(10_000, 50, 100)
     LOGGER.info("garbage collector: startup objects frozen, thresholds %s", gc.get_threshold())
+
+
+def build_app(
+    settings: Settings | None = None,
+    *,
+    hub: Hub | None = None,
+    run_mode: RunMode | None = None,
+    direct_writes: bool = True,
+) -> TrioWsApp:
+    """The whole server as an ASGI app. Without arguments it reads ``TRIO_WS_*`` and detects
+    the run mode (this is ``trio_ws.app:app``).
+
+    Errors: :class:`trio_ws.SettingsError` for an invalid environment variable.
+    """
+    if settings is None:
+        settings = Settings.from_env(os.environ)
+    configure_logging(settings.log_level_number)
+    hub = hub if hub is not None else create_hub(settings)
+    app = create_app(hub, lifespan=partial(_lifespan, settings, hub, run_mode))
+    app.direct = DirectPath(enabled=direct_writes)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(
+    settings: Settings, hub: Hub, run_mode: RunMode | None, app: TrioWsApp
+) -> AsyncIterator[None]:
+    """Start-up and shutdown around serving, in every mode."""
+    mode = run_mode or hypercorn_cli.detect() or RunMode.EMBEDDED
+    app.run_mode = mode
+    modes.log_startup(mode, settings, version=__version__, workers=hypercorn_cli.worker_count())
+    under_cli = mode in (RunMode.HYPERCORN_WORKER, RunMode.HYPERCORN_INPROCESS)
+    if under_cli:
+        config = hypercorn_cli.worker_config()
+        if config is not None:
+            needed = settings.drain_timeout + modes.GRACE_MARGIN_S
+            modes.configure_hypercorn(config, settings, graceful_timeout_s=needed)
+        tune_listeners(settings)
+    tune_gc()
+    try:
+        await app.nursery.start(hub.run)
+    except* BrokerUnavailableError as group:
+        if mode is RunMode.EMBEDDED:
+            raise
+        signals.exit_at_startup(str(group.exceptions[0]))
+    if under_cli:
+        app.nursery.start_soon(hypercorn_cli.own_signals, hub, mode)
+        app.nursery.start_soon(signals.exit_watchdog, hub.drain, signals.exit_watchdog_s(settings))
+    yield
+    # Lifespan shutdown: normally the drain is long over. A host that shuts down without one
+    # (an embedding test, a custom runner) still gets every client closed with 1001.
+    if not hub.drain.stopped:
+        hub.force_close("lifespan shutdown before a drain")
+        with trio.move_on_after(CLOSE_GRACE_S):
+            await hub.wait_stopped()

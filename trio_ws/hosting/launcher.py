@@ -16,22 +16,15 @@ import hypercorn.trio
 import trio
 from hypercorn.config import Config
 
-from trio_ws.hosting.compose import create_hub
-from trio_ws.hosting.modes import (
-    SHUTDOWN_SIGNALS,
-    RunMode,
-    exit_watchdog,
-    exit_watchdog_s,
-    on_signal,
-)
-from trio_ws.hosting.sockets import set_stall_timeout_on_listeners
-from trio_ws.shell.app import create_app
+from trio_ws.hosting.compose import build_app, create_hub
+from trio_ws.hosting.modes import RunMode, configure_hypercorn
+from trio_ws.hosting.signals import exit_watchdog, exit_watchdog_s, forward_signals
+from trio_ws.hosting.sockets import tune_listeners
 
 if TYPE_CHECKING:
-    from quart_trio import QuartTrio
-
     from trio_ws.core.hub import Hub
     from trio_ws.settings import Settings
+    from trio_ws.shell.app import TrioWsApp
 
 LOGGER = logging.getLogger(__name__)
 
@@ -45,7 +38,7 @@ class RunningServer:
 
     binds: list[str]
     hub: Hub
-    app: QuartTrio
+    app: TrioWsApp
     #: Set when Hypercorn has closed every connection and :func:`serve` is about to return.
     finished: trio.Event
 
@@ -62,8 +55,7 @@ def hypercorn_config(settings: Settings) -> Config:
     # still wait for is its own ping task of each closed connection, which only notices the close
     # after its next ping interval (hypercorn/protocol/ws_stream.py ``_send_pings``): waiting for
     # it would delay the exit by up to ``ping_interval`` for nothing.
-    config.graceful_timeout = SHUTDOWN_GRACE_S
-    config.websocket_max_message_size = settings.transport_max_message_size
+    configure_hypercorn(config, settings, graceful_timeout_s=SHUTDOWN_GRACE_S)
     config.websocket_ping_interval = settings.ping_interval or None
     config.certfile = settings.certfile
     config.keyfile = settings.keyfile
@@ -83,13 +75,14 @@ async def serve(
     this function for its whole life. Without it, call ``RunningServer.hub.request_drain``.
     """
     hub = create_hub(settings)
-    app = create_app(settings, hub=hub, run_mode=RunMode.LAUNCHER)
+    app = build_app(settings, hub=hub, run_mode=RunMode.LAUNCHER)
     config = hypercorn_config(settings)
     finished = trio.Event()
     async with trio.open_nursery() as nursery:
         if handle_signals:
-            await nursery.start(_forward_signals, hub)
-            nursery.start_soon(exit_watchdog, hub, exit_watchdog_s(settings))
+            # Open until the process ends (see forward_signals).
+            await nursery.start(forward_signals, hub.drain)
+            nursery.start_soon(exit_watchdog, hub.drain, exit_watchdog_s(settings))
 
         async def serve_then_stop(*, task_status: trio.TaskStatus[list[str]]) -> None:
             try:
@@ -100,22 +93,9 @@ async def serve(
                 nursery.cancel_scope.cancel()
 
         binds: list[str] = await nursery.start(serve_then_stop)
-        tuned = set_stall_timeout_on_listeners(settings.stall_timeout)
-        LOGGER.info(
-            "listening on %s (TCP_USER_TIMEOUT %gs on %d listeners)",
-            " ".join(binds),
-            settings.stall_timeout,
-            tuned,
-        )
+        # Hypercorn creates the listeners after the app's startup: tune them now.
+        tune_listeners(settings)
+        LOGGER.info("listening on %s", " ".join(binds))
         task_status.started(RunningServer(binds=binds, hub=hub, app=app, finished=finished))
     finished.set()
     LOGGER.info("server stopped")
-
-
-async def _forward_signals(hub: Hub, *, task_status: trio.TaskStatus[None]) -> None:
-    # Kept open until the server has stopped: a signal arriving late is consumed here instead of
-    # being re-raised under its default action.
-    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
-        task_status.started()
-        async for signum in signals:
-            on_signal(hub, signum)

@@ -13,6 +13,10 @@ import logging
 import os
 import socket
 import stat
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trio_ws.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -47,4 +51,11 @@ def set_stall_timeout_on_listeners(timeout_s: float) -> int:
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
             tuned += 1
+    return tuned
+
+
+def tune_listeners(settings: Settings) -> int:
+    """Set ``stall_timeout`` as TCP_USER_TIMEOUT on this process's listeners, with a log line."""
+    tuned = set_stall_timeout_on_listeners(settings.stall_timeout)
+    LOGGER.info("TCP_USER_TIMEOUT %gs set on %d listeners", settings.stall_timeout, tuned)
     return tuned

@@ -1,24 +1,19 @@
-"""Direct writes of pre-built WebSocket frames to the socket Hypercorn holds for a connection.
+"""Sinks: how an outbox's frames reach a client's socket (see :mod:`trio_ws.core.outbox`).
 
-Why: Quart's ``websocket.send`` goes through Quart's ASGI layer, Hypercorn's WSStream and
-wsproto, a lock and a shielded ``send_all`` for every frame to every client; profiling showed
-that path as most of the server's CPU in a broadcast. Server frames are unmasked, so the bytes
-of a frame are the same for every client: :class:`trio_ws.core.protocol.Frame` builds them once per
-broadcast. Two ways to write them:
+* :class:`DirectSink` writes pre-built WebSocket frames straight to the socket Hypercorn holds
+  for an HTTP/1.1 connection. Server frames are not masked, so a frame's bytes are the same for
+  every client and are built once per broadcast; a write-through is one non-blocking
+  ``send()`` with no task switch. Going through ASGI instead costs Hypercorn's WSStream, wsproto,
+  a lock and a shielded ``send_all`` per frame per client, which profiling showed as most of the
+  server's CPU in a broadcast.
+* :class:`AsgiSink` sends through the ASGI ``send`` callable: slower, and the fallback wherever
+  the direct path is not available (WebSockets over HTTP/2, a Hypercorn whose internals differ).
 
-* :meth:`DirectWriter.try_write`, called by the broadcast itself for a client with nothing
-  queued: one non-blocking ``send()`` on the socket, no task switch at all. This is the usual
-  case. If the kernel takes only part of the frame, the rest is kept as *pending* and the
-  client's writer task is woken to finish it.
-* :meth:`DirectWriter.send`, from the client's writer task, for a backlog: one write for all
-  the queued frames.
-
-How it stays correct: it finds Hypercorn's objects for this connection through the ASGI send
-callable that Quart holds (private attributes of Quart and Hypercorn, checked on the way and
-abandoned for Quart's ``send`` when anything is not as expected, with a log line). It writes
-only while Hypercorn's send lock is free, and replaces that lock by one that first completes a
-pending frame, so Hypercorn's own frames (pings, pongs, close) never land inside one of ours. It
-writes data frames only while the WebSocket is open, so none follows a close frame.
+This module is the only place that touches private attributes of Hypercorn. They are checked
+once at start-up (:func:`check_direct_path`), and again for each connection on the way in;
+anything unexpected falls back to :class:`AsgiSink` with one log line. Tests assert which path
+ran (``Connection.writer``). docs/design/write-path.md explains why Hypercorn's own frames can
+never land inside one of ours.
 """
 
 from __future__ import annotations
@@ -26,28 +21,118 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+import hypercorn
 import trio
 from hypercorn.protocol.h11 import H11Protocol
-from hypercorn.protocol.ws_stream import ASGIWebsocketState
+from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
+from hypercorn.trio.tcp_server import TCPServer
 from wsproto.connection import ConnectionState
 
-from trio_ws.core.registry import Written
+from trio_ws.core.outbox import Written
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
     from types import TracebackType
+
+    from trio_ws.core.protocol import Frame
+
+    AsgiSend = Callable[[dict[str, Any]], Awaitable[None]]
 
 LOGGER = logging.getLogger(__name__)
 
+#: Hypercorn releases whose internals the direct path was checked against.
+CHECKED_HYPERCORN = ("0.17.", "0.18.")
+
 _TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
-_fallback_logged = False
 
 
-class DirectWriter:
-    """Writes complete WebSocket frames for one connection, bypassing Quart and wsproto."""
+def check_direct_path() -> str | None:
+    """Why the direct path cannot be used with the installed Hypercorn, or None if it can.
+
+    Checks the attributes :meth:`DirectSink.find` relies on, without a connection: the
+    methods by name, and the attributes that ``__init__`` sets by the names its code uses.
+    """
+    version = getattr(hypercorn, "__version__", None) or _installed_version()
+    if not version.startswith(CHECKED_HYPERCORN):
+        return f"Hypercorn {version} is not one of the checked releases {CHECKED_HYPERCORN}"
+    needs = {
+        WSStream.__init__: ("send", "closed", "state"),
+        WSStream._accept: ("connection",),
+        TCPServer.__init__: ("stream", "send_lock"),
+    }
+    for init, names in needs.items():
+        missing = [name for name in names if name not in init.__code__.co_names]
+        if missing:
+            return f"{init.__qualname__} no longer sets {', '.join(missing)}"
+    for cls, method in ((WSStream, "app_send"), (TCPServer, "protocol_send")):
+        if not callable(getattr(cls, method, None)):
+            return f"{cls.__name__}.{method} is gone"
+    return None
+
+
+def _installed_version() -> str:
+    from importlib.metadata import version
+
+    return version("hypercorn")
+
+
+class DirectPath:
+    """Whether new connections may use :class:`DirectSink`: decided once, at start-up."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        reason = check_direct_path() if enabled else "turned off"
+        self.enabled = reason is None
+        if reason is not None:
+            LOGGER.warning(
+                "direct socket writes unavailable (%s): sending through ASGI, which is slower "
+                "and sends a backlog frame by frame",
+                reason,
+            )
+
+    def open_sink(self, send: AsgiSend) -> DirectSink | AsgiSink:
+        if self.enabled:
+            direct = DirectSink.find(send)
+            if direct is not None:
+                return direct
+        return AsgiSink(send)
+
+
+class AsgiSink:
+    """Frames through the ASGI ``send`` callable, one at a time."""
+
+    __slots__ = ("_send",)
+    kind = "asgi"
+
+    def __init__(self, send: AsgiSend) -> None:
+        self._send = send
+
+    def try_write(self, frame: Frame) -> Written:
+        return Written.NOTHING
+
+    async def write(self, frames: Sequence[Frame]) -> bool:
+        for frame in frames:
+            if frame.text:  # WAKE (empty) is only ever queued for a direct sink
+                await self._send({"type": "websocket.send", "text": frame.text})
+        return True
+
+    async def close(self, code: int, reason: str) -> None:
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+class DirectSink(AsgiSink):
+    """Whole WebSocket frames written to Hypercorn's socket for one HTTP/1.1 connection.
+
+    Writes only while Hypercorn's send lock is free, and replaces that lock with one that first
+    completes a frame left half-written here, so Hypercorn's own frames (pings, pongs, close)
+    never land inside one of ours. Writes data frames only while the WebSocket is open, so none
+    follows a close frame. Closes through ASGI, so Hypercorn's state machine sees the close.
+    """
 
     __slots__ = ("_lock", "_pending", "_raw", "_stream", "_ws_stream")
+    kind = "direct"
 
-    def __init__(self, ws_stream: Any, stream: Any, lock: trio.Lock) -> None:
+    def __init__(self, send: AsgiSend, ws_stream: Any, stream: Any, lock: trio.Lock) -> None:
+        super().__init__(send)
         self._ws_stream = ws_stream
         self._stream = stream
         self._lock = lock
@@ -57,37 +142,29 @@ class DirectWriter:
         self._raw = getattr(socket, "_sock", None)
 
     @classmethod
-    def find(cls, quart_websocket: Any) -> DirectWriter | None:
-        """The writer for this Quart websocket, or None (then use ``websocket.send``)."""
+    def find(cls, send: AsgiSend) -> DirectSink | None:
+        """The direct sink behind this ASGI ``send``, or None (then use :class:`AsgiSink`)."""
         try:
-            app_send = quart_websocket._send.args[0]  # partial(send_data, <ASGI send>)
-            ws_stream = app_send.__self__  # hypercorn.protocol.ws_stream.WSStream
+            ws_stream = send.__self__  # type: ignore[attr-defined]  # WSStream.app_send
             protocol = ws_stream.send.__self__
             # HTTP/1.1 only: over HTTP/2 (RFC 8441) the WebSocket is one stream of a multiplexed
             # connection and its bytes must go inside HTTP/2 DATA frames.
             if not isinstance(protocol, H11Protocol):
                 raise TypeError(f"WebSocket over {type(protocol).__name__}")
-            tcp_server = protocol.send.__self__  # type: ignore[attr-defined]  # TCPServer
+            tcp_server = protocol.send.__self__  # type: ignore[attr-defined]
             stream, lock = tcp_server.stream, tcp_server.send_lock
-            if type(ws_stream).__name__ != "WSStream" or not isinstance(lock, trio.Lock):
+            if not isinstance(ws_stream, WSStream) or not isinstance(lock, trio.Lock):
                 raise TypeError(type(ws_stream).__name__)
             if not isinstance(stream, trio.abc.Stream):
                 raise TypeError(type(stream).__name__)
-        except (AttributeError, IndexError, TypeError) as error:
-            global _fallback_logged
-            if not _fallback_logged:
-                _fallback_logged = True
-                LOGGER.warning(
-                    "direct socket writes unavailable (%s): sending through Quart, which is "
-                    "slower and sends a backlog frame by frame (logged once)",
-                    error,
-                )
+        except (AttributeError, TypeError) as error:
+            LOGGER.debug("direct socket writes unavailable for this connection: %s", error)
             return None
-        writer = cls(ws_stream, stream, lock)
-        # Hypercorn takes tcp_server.send_lock for each of its writes (hypercorn/trio/
-        # tcp_server.py, protocol_send); from now on that lock first completes our pending frame.
-        tcp_server.send_lock = _FlushFirstLock(lock, writer)
-        return writer
+        sink = cls(send, ws_stream, stream, lock)
+        # Hypercorn takes tcp_server.send_lock for each of its writes (TCPServer.protocol_send);
+        # from now on that lock first completes our pending frame.
+        tcp_server.send_lock = _FlushFirstLock(lock, sink)
+        return sink
 
     def is_open(self) -> bool:
         ws_stream = self._ws_stream
@@ -97,13 +174,13 @@ class DirectWriter:
             and ws_stream.connection.state is ConnectionState.OPEN
         )
 
-    def try_write(self, data: bytes) -> Written:
-        """Write ``data`` now if the socket is free; never waits. Sync: called by broadcasts."""
+    def try_write(self, frame: Frame) -> Written:
         raw = self._raw
         if raw is None or self._pending is not None or self._lock.locked():
             return Written.NOTHING
         if not self.is_open():
             return Written.ALL  # dropped: the connection is closing
+        data = frame.wire
         try:
             sent = raw.send(data)
         except BlockingIOError:
@@ -115,12 +192,10 @@ class DirectWriter:
         self._pending = memoryview(data)[sent:]
         return Written.PARTIAL
 
-    async def send(self, data: bytes) -> bool:
-        """Finish a pending frame, then write ``data`` (complete frames); False if closed.
-
-        Cancellation: writes finish under a shield, as Hypercorn's own do, so the stream never
-        holds half a frame; TCP_USER_TIMEOUT bounds how long.
-        """
+    async def write(self, frames: Sequence[Frame]) -> bool:
+        """Cancellation: writes finish under a shield, as Hypercorn's own do, so the stream
+        never holds half a frame; TCP_USER_TIMEOUT bounds how long."""
+        data = frames[0].wire if len(frames) == 1 else b"".join(f.wire for f in frames)
         if self._raw is not None and not self._lock.locked():
             self._lock.acquire_nowait()  # free: take it without a task switch
         else:
@@ -166,9 +241,9 @@ class DirectWriter:
 class _FlushFirstLock:
     """Hypercorn's send lock, which first completes a frame we left half-written."""
 
-    def __init__(self, lock: trio.Lock, writer: DirectWriter) -> None:
+    def __init__(self, lock: trio.Lock, sink: DirectSink) -> None:
         self._lock = lock
-        self._writer = writer
+        self._sink = sink
 
     def locked(self) -> bool:
         return self._lock.locked()
@@ -176,7 +251,7 @@ class _FlushFirstLock:
     async def __aenter__(self) -> None:
         await self._lock.acquire()
         try:
-            await self._writer.flush_pending()
+            await self._sink.flush_pending()
         except BaseException:
             self._lock.release()
             raise

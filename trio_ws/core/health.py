@@ -1,0 +1,51 @@
+"""``/health``: one report composed from each part's own statistics and report methods."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from trio_ws.core import protocol
+from trio_ws.core.broker import BrokerState
+from trio_ws.core.drain import DrainState
+
+if TYPE_CHECKING:
+    from trio_ws.core.hub import Hub
+
+
+def status(hub: Hub) -> str:
+    """``ok``, ``degraded`` (the broker is down), ``draining`` or ``stopped``."""
+    state: DrainState = hub.drain.state
+    if state is not DrainState.SERVING:
+        return str(state.value)
+    return "ok" if hub.broker.state is BrokerState.UP else "degraded"
+
+
+def health_report(hub: Hub) -> dict[str, Any]:
+    """The original design's fields, the cluster, the broker and the drain's progress."""
+    stats = hub.registry.statistics()
+    cluster = hub.broker.cluster()
+    return {
+        "status": status(hub),
+        "instance": hub.instance_id,
+        "active_connections": stats.connections,
+        "cluster": None
+        if cluster is None
+        else {
+            "instances": cluster.instances,
+            "connections": hub.cluster_connections(),
+            "draining_instances": cluster.draining_instances,
+            "age_s": round(trio.current_time() - cluster.as_of, 3),
+        },
+        "broker": hub.broker.health(),
+        "shutdown_in_progress": hub.draining,
+        "timestamp": protocol.iso_time(hub.wall_time()),
+        "uptime_s": round(hub.uptime_s, 3),
+        "connections_total": stats.total_connected,
+        "slow_disconnects": stats.slow_disconnects,
+        "replaced_connections": stats.replaced,
+        "messages_broadcast": hub.messages_broadcast,
+        "refused_during_drain": hub.drain.refused,
+        "drain": hub.drain.report(),
+    }

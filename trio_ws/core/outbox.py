@@ -1,0 +1,180 @@
+"""A client's outbox: the one way a frame reaches a client's socket.
+
+Theory of operation (the write path's rules; docs/design/write-path.md has the reasoning):
+
+1. **A broadcast never waits.** :meth:`Outbox.offer` is synchronous. With nothing queued it
+   hands the frame to the :class:`Sink` at once (``try_write``: a non-blocking write, no task
+   switch), which is how almost every frame leaves; otherwise it queues the frame, within a
+   bound in frames and in bytes. An outbox over its bound refuses the frame, and the caller
+   closes the client as slow (4008): a client is never silently fed less.
+2. **Order is kept.** Write-through is tried only when nothing is queued, and a sink answers
+   ``NOTHING`` while one of its writes is in progress, so a frame can never overtake one that
+   is queued or being written.
+3. **Frames are never interleaved.** A sink writes whole frames. A write-through the socket took
+   only in part (``PARTIAL``) leaves the rest with the sink, which finishes it before any other
+   write on that connection, ours or the server's own (pings, pongs, close frames). The outbox
+   then queues :data:`WAKE`, an empty frame whose only job is to wake the writer so the rest is
+   written without waiting for the next broadcast.
+4. **One writer.** :meth:`Outbox.run_writer` is the only loop that waits on a socket: it writes
+   a backlog in batches of at most ``batch_limit`` bytes (one system call for many frames), so
+   a client that fell behind catches up quickly and a close frame never waits behind more than
+   one batch.
+
+The outbox knows nothing of sockets, Quart or Hypercorn: sinks do (``trio_ws.shell.sinks``).
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from trio_ws.core.protocol import Frame
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+class Written(enum.Enum):
+    """What a sink's ``try_write`` did with a frame."""
+
+    ALL = "all"  # the socket took the whole frame (or the connection is closing: dropped)
+    PARTIAL = "partial"  # it took part; the sink keeps the rest and the writer must flush it
+    NOTHING = "nothing"  # it took nothing: queue the frame
+
+
+class Sink(Protocol):
+    """Where an outbox's frames go: one client's WebSocket."""
+
+    #: Names the write path in reports and tests ("direct", "asgi").
+    kind: str
+
+    def try_write(self, frame: Frame) -> Written:
+        """Write ``frame`` now if that needs no waiting. Sync: it never blocks.
+
+        Must answer ``NOTHING`` while a :meth:`write` is in progress (rule 2).
+        """
+
+    async def write(self, frames: Sequence[Frame]) -> bool:
+        """Finish any partly written frame, then write ``frames`` whole (:data:`WAKE` writes
+        nothing). False if the connection is closing: the frames are dropped with it.
+
+        Cancellation: never leaves half a frame behind.
+        """
+
+    async def close(self, code: int, reason: str) -> None:
+        """Send a close frame with ``code`` and ``reason``."""
+
+
+#: Wakes a writer to finish a partly written frame; writes nothing itself.
+WAKE = Frame("", wire=b"")
+
+
+class Outbox:
+    """Frames waiting for one client, and the loop that writes them."""
+
+    __slots__ = (
+        "_frames",
+        "_max_bytes",
+        "_max_frames",
+        "_queued_bytes",
+        "_sink",
+        "_wakeup",
+        "batch_limit",
+    )
+
+    def __init__(
+        self, *, max_frames: int, max_bytes: int | None = None, batch_limit: int = 0
+    ) -> None:
+        self._frames: collections.deque[Frame] = collections.deque()
+        self._max_frames = max_frames
+        self._max_bytes = max_bytes if max_bytes is not None else 1 << 62
+        self._queued_bytes = 0
+        #: Most bytes one batch write carries (a larger frame goes alone); 0: one frame a write.
+        self.batch_limit = batch_limit
+        self._sink: Sink | None = None
+        self._wakeup: trio.Event | None = None
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    @property
+    def max_frames(self) -> int:
+        return self._max_frames
+
+    @property
+    def writer(self) -> str:
+        """The kind of sink the writer runs with ("" before it starts)."""
+        return self._sink.kind if self._sink is not None else ""
+
+    def offer(self, frame: Frame) -> bool:
+        """Write ``frame`` through if nothing is queued, else queue it; never waits.
+
+        False if the outbox is full (in frames or bytes): the caller closes the client as slow.
+        """
+        sink = self._sink
+        if sink is not None and not self._frames:
+            written = sink.try_write(frame)
+            if written is Written.ALL:
+                return True
+            if written is Written.PARTIAL:
+                frame = WAKE
+        size = len(frame.wire)
+        if len(self._frames) >= self._max_frames or self._queued_bytes + size > self._max_bytes:
+            return False
+        self._frames.append(frame)
+        self._queued_bytes += size
+        if self._wakeup is not None:
+            self._wakeup.set()
+        return True
+
+    def take_queued(self) -> list[Frame]:
+        """Take every queued frame back (a resume queues them again after the history)."""
+        frames = list(self._frames)
+        self._frames.clear()
+        self._queued_bytes = 0
+        return frames
+
+    async def next_batch(self) -> list[Frame]:
+        """Wait for a frame; return it with the frames queued behind it, within ``batch_limit``.
+
+        Returns at once, without a checkpoint, when frames are queued.
+        """
+        while not self._frames:
+            self._wakeup = trio.Event()
+            try:
+                await self._wakeup.wait()
+            finally:
+                self._wakeup = None
+        frames = self._frames
+        first = frames.popleft()
+        batch = [first]
+        size = len(first.wire)
+        while frames and size + len(frames[0].wire) <= self.batch_limit:
+            size += len(frames[0].wire)
+            batch.append(frames.popleft())
+        self._queued_bytes -= size
+        return batch
+
+    async def run_writer(self, sink: Sink) -> None:
+        """Write everything offered to ``sink`` until cancelled, or until the sink is closed.
+
+        While this runs, :meth:`offer` writes through ``sink`` when nothing is queued.
+        """
+        self._sink = sink
+        try:
+            while True:
+                # next_batch() returns without a checkpoint when frames are queued, and a write
+                # the socket takes at once has none either: let a cancellation in here.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                batch = await self.next_batch()
+                if not await sink.write(batch):
+                    return  # closing: what is queued goes with the connection
+        finally:
+            self._sink = None

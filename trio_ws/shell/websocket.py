@@ -1,0 +1,149 @@
+"""The ``/ws`` endpoint: a lean ASGI WebSocket handler inside the Quart-Trio app.
+
+Quart serves the page and every HTTP route; WebSockets on ``/ws`` and ``/ws/<client id>`` skip
+Quart's per-connection machinery (its request context, queues and tasks) and speak ASGI
+directly, which halves what a connection costs (docs/benchmarks.md). Per connection there are
+two tasks: this handler, which reads the client's frames and publishes them, and the outbox's
+writer. A close request from the core (drain, slow consumer, replaced) cancels both at once;
+the handler then sends the close frame. The connection leaves the registry in ``finally``,
+however it ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from trio_ws.core import protocol
+from trio_ws.core.hub import REFUSED_REASON
+from trio_ws.core.protocol import ClientIdError, CloseCode, ResumeError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from trio_ws.core.hub import Hub
+    from trio_ws.core.registry import Connection
+    from trio_ws.shell.sinks import AsgiSink, DirectPath
+
+    Receive = Callable[[], Awaitable[dict[str, Any]]]
+    Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+LOGGER = logging.getLogger(__name__)
+
+#: How long a close handshake may take before we give up on it.
+CLOSE_TIMEOUT_S = 5.0
+
+PATH = "/ws"
+
+
+def is_websocket_path(path: str) -> bool:
+    """``/ws`` and everything below it: every malformed id ("", "a/b", "%2F") must reach the
+    endpoint, to be refused with 1008 and a reason rather than an HTTP 404."""
+    return path == PATH or path.startswith(PATH + "/")
+
+
+def client_id_from_path(path: str) -> str | None:
+    """The client id in a ``/ws`` path: None for ``/ws`` (the server assigns one), else the
+    text after ``/ws/``, validated later."""
+    return None if path == PATH else path[len(PATH) + 1 :]
+
+
+class WebSocketEndpoint:
+    """Serves one WebSocket connection per call, for the hub."""
+
+    def __init__(self, hub: Hub, direct: DirectPath) -> None:
+        self.hub = hub
+        self.direct = direct
+        self.max_message_size = hub.settings.max_message_size
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        client_id = client_id_from_path(scope["path"])
+        # The "websocket.connect" event is left for the reader to skip, as Quart does: some ASGI
+        # hosts (Quart's test client) never send it. Accept first: refusing before the
+        # handshake answers HTTP 403, which clients treat as fatal; a close frame carries a
+        # code they can act on.
+        await send({"type": "websocket.accept"})
+        sink = self.direct.open_sink(send)
+        client = scope.get("client")
+        peer = f"{client[0]}:{client[1]}" if client else "<unknown>"
+        hub = self.hub
+        if hub.draining:
+            hub.note_refused(peer)
+            await _close(sink, CloseCode.GOING_AWAY, REFUSED_REASON, peer)
+            return
+        since = _query_value(scope, "since")
+        try:
+            if since is not None:
+                protocol.validate_since(since)
+            connection = hub.connect(client_id, peer, resuming=since is not None)
+        except (ClientIdError, ResumeError) as error:
+            LOGGER.info("refused %s from %s: %s", _describe_path(scope), peer, error)
+            await _close(sink, CloseCode.POLICY_VIOLATION, str(error), peer)
+            return
+        try:
+            if since is not None:
+                await hub.resume(connection, since)
+            async with trio.open_nursery() as nursery:
+                connection.bind_close(nursery.cancel_scope)
+                nursery.start_soon(connection.outbox.run_writer, sink)
+                await self._read(receive, connection)
+                nursery.cancel_scope.cancel()  # the client left: stop the writer
+            if connection.close_code is not None:
+                await _close(
+                    sink, connection.close_code, connection.close_reason, connection.client_id
+                )
+        finally:
+            hub.disconnect(connection)
+
+    async def _read(self, receive: Receive, connection: Connection) -> None:
+        """Publish what the client sends until it disconnects or breaks a rule."""
+        max_size = self.max_message_size
+        publish = self.hub.publish
+        while True:
+            event = await receive()
+            kind = event["type"]
+            if kind != "websocket.receive":
+                if kind == "websocket.connect":
+                    continue
+                return  # websocket.disconnect: the client is gone
+            data = event.get("text")
+            if data is None:
+                connection.request_close(
+                    CloseCode.UNSUPPORTED_DATA, "binary frames are not supported; send text"
+                )
+                return
+            # len() counts characters; UTF-8 needs at most 4 bytes for each.
+            if len(data) > max_size or (
+                len(data) * 4 > max_size and len(data.encode("utf-8")) > max_size
+            ):
+                connection.request_close(
+                    CloseCode.MESSAGE_TOO_BIG, f"message larger than {max_size} bytes"
+                )
+                return
+            await publish(connection.client_id, data)
+
+
+def _query_value(scope: dict[str, Any], name: str) -> str | None:
+    query = scope.get("query_string", b"").decode("latin-1")
+    values = urllib.parse.parse_qs(query).get(name)
+    return values[0] if values else None
+
+
+def _describe_path(scope: dict[str, Any]) -> str:
+    query = scope.get("query_string", b"").decode("latin-1")
+    path: str = scope["path"]
+    return path + (f"?{query}" if query else "")
+
+
+async def _close(sink: AsgiSink, code: int, reason: str, who: str) -> None:
+    """Send a close frame; an error here concerns this client only, so log it and move on."""
+    with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True) as scope:
+        try:
+            await sink.close(code, reason)
+        except Exception as error:
+            LOGGER.warning("error closing client %s with %d: %r", who, code, error)
+    if scope.cancelled_caught:
+        LOGGER.warning("client %s did not take its close frame within %gs", who, CLOSE_TIMEOUT_S)
