@@ -191,7 +191,7 @@ def test_drain_warning_then_reconnect_to_a_new_server_and_after_a_drop(
         # The pages leave within half the time left (2 s), so the server ends its drain early.
         assert first.wait_exit(timeout=4) == 0
         assert "left by themselves" in first.log
-        assert "2 left by themselves, 0 closed by the server" in first.log
+        assert "2 connections at start: 2 left by themselves, 0 closed as slow" in first.log
         for page in pages:
             expect_state(page, "waiting", RECONNECT_MS)
             expect(page.locator("#retry")).to_have_text(
@@ -393,7 +393,10 @@ def test_deploy_recipe_through_nginx_moves_every_page_to_the_new_instance(
         for page in pages:
             expect(page.locator("#banner")).to_be_visible()
         assert old.wait_exit(timeout=4) == 0
-        assert "3 connections at start, 3 left by themselves, 0 closed by the server" in old.log
+        assert (
+            "3 connections at start: 3 left by themselves, 0 closed as slow (4008), 0 closed at"
+            in old.log
+        )
         for page in pages:
             expect_state(page, "open", RECONNECT_MS)
             expect(page.locator("#banner")).to_be_hidden()

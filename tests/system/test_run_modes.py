@@ -52,7 +52,7 @@ async def test_launcher_sigterm_normal_drain() -> None:
                 r"drain progress: 2 connections left, 0\.5s elapsed, 29\.5s left"
             )
             await second.aclose()
-            await server.wait_for_line(r"drain: client second left after .*, 1 connections remain")
+            await server.wait_for_line(r"drain: client second left after .*, 1 connection remain")
             await first.aclose()
         left = time.monotonic()
         assert await server.wait_exit() == 0
@@ -75,7 +75,7 @@ async def test_launcher_deadline_closes_the_rest_and_exits_0() -> None:
             assert (stayer.closed.code, stayer.closed.reason) == (1001, "drain deadline reached")
         assert await server.wait_exit() == 0
     assert server.count(r"WARNING .*drain deadline of 1\.5s reached: closing 1 remaining") == 1
-    assert server.count(r"drain progress: 1 connections left, 1\.0s elapsed, 0\.5s left") == 1
+    assert server.count(r"drain progress: 1 connection left, 1\.0s elapsed, 0\.5s left") == 1
 
 
 async def test_launcher_no_clients_exits_at_once() -> None:
@@ -128,7 +128,7 @@ async def test_hypercorn_cli_sigterm_to_parent_drains() -> None:
             report("hypercorn CLI: SIGTERM to both warnings", time.monotonic() - sent)
             await leaver.aclose()
             # Past Hypercorn's own 3 s graceful_timeout, the stayer is still served ...
-            await server.wait_for_line(r"drain progress: 1 connections left, 3\.5s elapsed")
+            await server.wait_for_line(r"drain progress: 1 connection left, 3\.5s elapsed")
             # ... and is closed with 1001 at our deadline, not cut with 1006 at Hypercorn's.
             assert await close_code(stayer, timeout=5) == (1001, "drain deadline reached")
         assert await server.wait_exit() == 0
@@ -202,7 +202,7 @@ async def test_hypercorn_two_workers_warn_and_both_drain() -> None:
             assert (await next_frame(client))["text"] == "still served"
             await client.aclose()
         assert await server.wait_exit(timeout=10) == 0
-    assert server.count(rf"\[{busy_pid}\] .*drain finished \(drained\) in .*: 1 connections") == 1
+    assert server.count(rf"\[{busy_pid}\] .*drain finished \(drained\) in .*: 1 connection at start") == 1
 
 
 async def test_hypercorn_invalid_configuration_is_a_clear_error() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -26,7 +25,7 @@ from trio_ws.shell.app import TrioWsApp, create_app
 from trio_ws.shell.sinks import DirectPath
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncGenerator
 
     from trio_ws.core.broker import Broker
 
@@ -90,10 +89,9 @@ def build_app(
     return app
 
 
-@asynccontextmanager
 async def _lifespan(
     settings: Settings, hub: Hub, run_mode: RunMode | None, app: TrioWsApp
-) -> AsyncIterator[None]:
+) -> AsyncGenerator[None, None]:
     """Start-up and shutdown around serving, in every mode."""
     mode = run_mode or hypercorn_cli.detect() or RunMode.EMBEDDED
     app.run_mode = mode

@@ -39,14 +39,13 @@ class RunMode(enum.Enum):
 def configure_hypercorn(config: Config, settings: Settings, *, graceful_timeout_s: float) -> None:
     """Set what trio_ws needs of a Hypercorn config, in every mode (the launcher's new config,
     or the one a CLI worker was given, which Hypercorn reads for each new connection)."""
-    if float(config.graceful_timeout) != graceful_timeout_s:
+    if float(config.graceful_timeout) < graceful_timeout_s:
         LOGGER.info(
-            "Hypercorn graceful_timeout: %gs -> %gs (%s)",
+            "raising this worker's graceful_timeout from %gs to %gs so the drain can finish",
             config.graceful_timeout,
             graceful_timeout_s,
-            "the drain runs before it" if graceful_timeout_s < 1 else "the drain runs inside it",
         )
-        config.graceful_timeout = graceful_timeout_s
+    config.graceful_timeout = graceful_timeout_s
     # This bounds what Hypercorn buffers of one message (16 MiB by default); the app closes
     # anything over max_message_size itself.
     config.websocket_max_message_size = settings.transport_max_message_size

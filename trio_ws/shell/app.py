@@ -6,6 +6,7 @@ host's lifespan (``trio_ws.hosting``) does.
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,11 +20,11 @@ from trio_ws.shell.websocket import WebSocketEndpoint, is_websocket_path
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Callable
-    from contextlib import AbstractAsyncContextManager
 
     from trio_ws.core.hub import Hub
 
-    Lifespan = Callable[["TrioWsApp"], AbstractAsyncContextManager[None]]
+    #: Start-up, ``yield`` while serving, shutdown (Quart's ``while_serving``).
+    Lifespan = Callable[["TrioWsApp"], AsyncGenerator[None, None]]
 
 
 def templates_dir() -> Path:
@@ -63,11 +64,7 @@ def create_app(hub: Hub, *, lifespan: Lifespan | None = None) -> TrioWsApp:
     app.direct = DirectPath()
 
     if lifespan is not None:
-
-        @app.while_serving
-        async def serving() -> AsyncGenerator[None, None]:
-            async with lifespan(app):
-                yield
+        app.while_serving(partial(lifespan, app))
 
     @app.get("/")
     async def index() -> str:
