@@ -263,7 +263,7 @@ async def test_an_instance_drains_while_the_other_keeps_serving(
         async with clients(nursery, urls, ["stays-on-one", "on-two"]) as (staying, other):
             await wait_until_cluster(two, connections=2)
             one.send(signal.SIGTERM)
-            await one.wait_for_line(r"drain: warned 1 clients")
+            await one.wait_for_line(r"drain: warned 1 client")
             # The draining instance still delivers the cluster's broadcasts to its client.
             await other.ws.send_message("from two, during one's drain")
             await wait_until(lambda: staying.texts == ["from two, during one's drain"])
