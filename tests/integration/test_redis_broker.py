@@ -14,7 +14,8 @@ import trio
 
 from tests.redisutil import RedisServer, redis_server
 from tests.wsutil import wait_until
-from trio_ws.brokers.redis import RedisBroker, decode_entry, encode_entry
+from trio_ws.brokers.entries import decode_entry, encode_entry
+from trio_ws.brokers.redis import RedisBroker
 from trio_ws.core.broker import BrokerState, Outgoing
 from trio_ws.core.hub import Hub
 from trio_ws.core.registry import Connection

@@ -20,26 +20,19 @@ Theory of operation:
   with backoff; once Redis answers it replays the stream from its last id (what others sent
   meanwhile), and the publisher re-sends everything pending (what this process sent meanwhile),
   which the other processes then deliver and this one skips.
-* **Cluster**: every ``HEARTBEAT_S`` each process writes its connection count to a key that
-  expires after ``INSTANCE_TTL_S`` (a crashed process drops out), and reads the others'. The
-  periodic message of each interval is sent by whichever process first claims its slot with
-  ``SET NX``.
+* **Cluster**: :mod:`trio_ws.brokers.membership` (heartbeat, cluster view, periodic claim).
+
+The decisions (what to deliver, skip, send again, replay) are :mod:`trio_ws.brokers.cluster_log`'s,
+which does no I/O; this module does the I/O and hands it what happened.
 
 No coredis retry policy and no coredis Pub/Sub: every command fails fast and this module owns
-the reconnect (see ``shared/notes/redis.md`` on coredis's Pub/Sub reconnect ending silently).
+the reconnect (coredis's Pub/Sub reconnect can end silently).
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import json
 import logging
-import math
-import os
 import random
-import socket
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
@@ -49,8 +42,10 @@ import trio
 from coredis.retry import NoRetryPolicy
 from coredis.tokens import PureToken
 
+from trio_ws.brokers.cluster_log import ClusterLog, HistoryRequest, StreamInfo
+from trio_ws.brokers.entries import Entry, decode_entry, encode_entry
+from trio_ws.brokers.membership import Membership
 from trio_ws.core.broker import (
-    Broadcast,
     Broker,
     BrokerState,
     BrokerUnavailableError,
@@ -59,11 +54,12 @@ from trio_ws.core.broker import (
     Member,
     Outgoing,
 )
-from trio_ws.core.protocol import parse_message_id
 from trio_ws.settings import redact_url
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+
+    from coredis.response.types import StreamEntry
 
 LOGGER = logging.getLogger(__name__)
 
@@ -77,11 +73,6 @@ HEARTBEAT_S = 2.0
 INSTANCE_TTL_S = 10.0
 RECONNECT_MIN_S = 0.05
 RECONNECT_MAX_S = 2.0
-#: Own messages kept after they were seen in the stream, to send again if Redis restarts
-#: (and may have lost entries that other processes had not read yet).
-RECENT_LIMIT = 1000
-#: Origins remembered for de-duplication; each process start is a new origin.
-SEEN_ORIGINS_LIMIT = 10_000
 
 #: Everything that means "Redis did not answer as it should": the broker goes down and retries.
 BROKER_ERRORS: tuple[type[BaseException], ...] = (
@@ -91,41 +82,6 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
     anyio.BrokenResourceError,
     trio.TooSlowError,
 )
-
-
-@dataclass(slots=True)
-class _Pending:
-    seq: int
-    message: Outgoing
-    #: Already delivered to this process's clients (published or flushed during an outage).
-    delivered: bool = False
-
-
-def encode_entry(origin: str, seq: int, message: Outgoing) -> dict[str, str]:
-    """The stream entry's fields (short names: every entry is read by every process)."""
-    fields = {"o": origin, "q": str(seq), "k": message.kind, "ts": repr(message.ts)}
-    if message.kind == "message":
-        fields["f"] = message.sender
-        fields["t"] = message.text
-    else:
-        fields["n"] = str(message.active_connections)
-    return fields
-
-
-def decode_entry(fields: Mapping[str, str]) -> tuple[str, int, Outgoing]:
-    """``(origin, seq, message)`` from an entry's fields.
-
-    Errors: :class:`ValueError` or :class:`KeyError` for an entry trio_ws did not write.
-    """
-    kind = fields["k"]
-    ts = float(fields["ts"])
-    if kind == "message":
-        message = Outgoing("message", ts, sender=fields["f"], text=fields["t"])
-    elif kind == "periodic":
-        message = Outgoing("periodic", ts, active_connections=int(fields["n"]))
-    else:
-        raise ValueError(f"unknown kind {kind!r}")
-    return fields["o"], int(fields["q"]), message
 
 
 class RedisBroker(Broker):
@@ -146,9 +102,13 @@ class RedisBroker(Broker):
         instance_ttl_s: float = INSTANCE_TTL_S,
     ) -> None:
         self.url = url
+        self.stream = f"{prefix}:broadcasts"
+        self._prefix = prefix
+        self._stream_maxlen = stream_maxlen
+        self._pending_limit = pending_limit
+        self._connect_timeout = connect_timeout
         self._heartbeat_s = heartbeat_s
         self._instance_ttl_s = instance_ttl_s
-        self._connect_timeout = connect_timeout
         self._client: coredis.Redis[str] = coredis.Redis.from_url(
             url,
             decode_responses=True,
@@ -156,50 +116,21 @@ class RedisBroker(Broker):
             connect_timeout=connect_timeout,
             stream_timeout=BLOCK_MS / 1000 + command_timeout,
         )
-        self.stream = f"{prefix}:broadcasts"
-        self._instances_key = f"{prefix}:instances"
-        self._instance_prefix = f"{prefix}:instance:"
-        self._periodic_prefix = f"{prefix}:periodic:"
-        self._stream_maxlen = stream_maxlen
-        self._pending_limit = pending_limit
+        # Set by run(): they need this process's instance id.
         self._member: Member | None = None
-
-        self._state = BrokerState.UP
+        self._log: ClusterLog | None = None
+        self._membership: Membership | None = None
+        self._cluster: ClusterView | None = None
         self._up = trio.Event()
         self._up.set()
         self._work = trio.Event()
         self._space = trio.lowlevel.ParkingLot()
-        self._seq = 0
-        self._pending: collections.deque[_Pending] = collections.deque()
-        self._unsent: collections.deque[_Pending] = collections.deque()
-        self._own_confirmed = 0
-        #: Our latest messages confirmed in the stream, sent again if Redis restarts.
-        self._recent: collections.deque[_Pending] = collections.deque(maxlen=RECENT_LIMIT)
-        self._redis_run_id = ""
-        self._seen: dict[str, int] = {}
-        #: Stream ids of the copies the reader skipped (bounded), kept out of histories too.
-        self._skipped: set[str] = set()
-        self._skipped_order: collections.deque[str] = collections.deque()
-        self._last_id = "0-0"
-        self._cluster: ClusterView | None = None
-
-        # For /health and the logs.
-        self._down_since: float | None = None
-        self._last_error = ""
-        self.outages = 0
-        self.duplicates_skipped = 0
-        self.delivered_in_outage = 0
-        self.dropped_in_outage = 0
-        self.resent = 0
-        self.replayed = 0
-        self._replaying = False
-        self._leaving = False
 
     # -- the Broker interface ------------------------------------------------------------------
 
     @property
     def state(self) -> BrokerState:
-        return self._state
+        return BrokerState.UP if self._log is None else self._log.state
 
     def cluster(self) -> ClusterView | None:
         return self._cluster
@@ -208,6 +139,10 @@ class RedisBroker(Broker):
         self, member: Member, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         self._member = member
+        self._log = ClusterLog(
+            member.instance_id, pending_limit=self._pending_limit, skipped_limit=self._stream_maxlen
+        )
+        self._membership = Membership(self._prefix, member.instance_id, self._instance_ttl_s)
         started = False
         try:
             # coredis's client runs a task group: whatever leaves this block is a group.
@@ -232,11 +167,10 @@ class RedisBroker(Broker):
             self._mark_down(_first_leaf(group))
 
     async def _connect(self) -> None:
-        member = self._require_member()
+        log, member = self._require_log(), self._require_member()
         try:
             with trio.fail_after(self._connect_timeout):
-                self._redis_run_id = await self._run_id()
-                self._last_id = await self._stream_end()
+                log.start(await self._run_id(), await self._stream_info())
                 await self._heartbeat()
         except BROKER_ERRORS as error:
             raise BrokerUnavailableError(
@@ -247,47 +181,34 @@ class RedisBroker(Broker):
             "%d connections",
             redact_url(self.url),
             self.stream,
-            self._last_id,
+            log.last_id,
             member.instance_id,
             self._cluster.instances if self._cluster else 0,
             self._cluster.connections if self._cluster else 0,
         )
 
     async def publish(self, message: Outgoing) -> None:
-        member = self._require_member()
-        while self._state is BrokerState.UP and len(self._pending) >= self._pending_limit:
+        log, member = self._require_log(), self._require_member()
+        while log.publish_must_wait:
             # Backpressure: the sender's reader task waits; Redis is slower than the senders.
             await self._space.park()
-        if self._state is BrokerState.DOWN and message.kind == "periodic":
-            # Each process informs its own clients during an outage; sent to the cluster
-            # afterwards, these would arrive as a burst of stale counts.
-            member.deliver(Broadcast(None, message))
-            return
-        self._seq += 1
-        pending = _Pending(self._seq, message)
-        if self._state is BrokerState.DOWN:
-            pending.delivered = True
-            self.delivered_in_outage += 1
-            member.deliver(Broadcast(None, message))
-            if len(self._pending) >= self._pending_limit:
-                dropped = self._pending.popleft()
-                with contextlib.suppress(ValueError):
-                    self._unsent.remove(dropped)
-                self.dropped_in_outage += 1
-                if self.dropped_in_outage == 1 or self.dropped_in_outage % 1000 == 0:
-                    LOGGER.warning(
-                        "broker: %d messages sent during the outage will not reach other "
-                        "processes (more than %d waiting for Redis)",
-                        self.dropped_in_outage,
-                        self._pending_limit,
-                    )
-        self._pending.append(pending)
-        self._unsent.append(pending)
+        dropped_before = log.statistics().dropped_during_outages
+        for broadcast in log.publish(message):
+            member.deliver(broadcast)
+        dropped = log.statistics().dropped_during_outages
+        if dropped > dropped_before and (dropped == 1 or dropped % 1000 == 0):
+            LOGGER.warning(
+                "broker: %d messages sent during the outage will not reach other processes "
+                "(more than %d waiting for Redis)",
+                dropped,
+                self._pending_limit,
+            )
         self._work.set()
 
     @property
     def last_id(self) -> str | None:
-        return None if self._last_id == "0-0" else self._last_id
+        last_id = self._require_log().last_id if self._log is not None else "0-0"
+        return None if last_id == "0-0" else last_id
 
     async def history(self, since: str, limit: int) -> History:
         """From the stream, up to what the reader has delivered here (what comes later reaches
@@ -296,63 +217,52 @@ class RedisBroker(Broker):
         ``complete`` is False when the entry ``since`` names is no longer in the stream
         (trimmed, or lost in a Redis restart), or there is more than ``limit``.
         """
-        if self._state is BrokerState.DOWN:
+        log = self._require_log()
+        if log.state is BrokerState.DOWN:
             return History([], False)
-        until = self._last_id
+        requests = [HistoryRequest(since, limit)]
+        read = log.plan_histories(requests)
         try:
             async with self._client.pipeline(transaction=False) as pipe:
-                entries_request = pipe.xrevrange(self.stream, until, "(" + since, count=limit + 1)
-                anchor_request = pipe.xrange(self.stream, since, since, count=1)
-            entries, anchor = await entries_request, await anchor_request
+                range_request = (
+                    pipe.xrevrange(self.stream, read.newest, read.oldest, count=read.count)
+                    if read.count
+                    else None
+                )
+                anchor_requests = [pipe.xrange(self.stream, a, a, count=1) for a in read.anchors]
+            entries = await range_request if range_request is not None else ()
+            anchors_found = {
+                anchor
+                for anchor, request in zip(read.anchors, anchor_requests, strict=True)
+                if await request
+            }
         except BROKER_ERRORS as error:
             LOGGER.info("broker: could not read history after %s: %s", since, _describe(error))
             return History([], False)
-        if parse_message_id(until) <= parse_message_id(since):
-            entries = ()  # the reader has not passed ``since``: everything after it comes live
-        complete = bool(anchor) and len(entries) <= limit
-        seen: set[tuple[str, int]] = set()
-        out: list[Broadcast] = []
-        for entry in reversed(entries[:limit]):
-            entry_id = str(entry.identifier)
-            if entry_id in self._skipped:
-                continue
-            try:
-                origin, seq, message = decode_entry(cast("Mapping[str, str]", entry.field_values))
-            except (KeyError, ValueError):
-                continue
-            if (origin, seq) not in seen:
-                seen.add((origin, seq))
-                out.append(Broadcast(entry_id, message))
-        return History(out, complete)
+        decoded = [(str(entry.identifier), _decode(entry)) for entry in entries]
+        return log.answer_histories(requests, read, decoded, anchors_found)[0]
 
     async def claim_periodic(self, slot: int, interval: float) -> bool:
-        if self._state is BrokerState.DOWN:
+        if self.state is BrokerState.DOWN:
             return True  # each process keeps its own clients informed during an outage
         try:
-            won = await self._client.set(
-                f"{self._periodic_prefix}{slot}",
-                self._require_member().instance_id,
-                condition=PureToken.NX,
-                px=max(1000, math.ceil(interval * 3000)),
-            )
+            won = await self._require_membership().claim_periodic(self._client, slot, interval)
             if won:
                 await self._heartbeat()  # the periodic message reports a fresh cluster count
         except BROKER_ERRORS as error:
             self._mark_down(error)
             return True
-        return bool(won)
+        return won
 
     async def leave(self) -> None:
-        member = self._require_member()
-        self._leaving = True  # no heartbeat may register this process again
-        if self._state is BrokerState.DOWN:
+        membership = self._require_membership()
+        membership.leaving = True  # no heartbeat may register this process again
+        if self.state is BrokerState.DOWN:
             return  # the entry expires by itself; do not hold the exit for a timeout
         with trio.move_on_after(COMMAND_TIMEOUT_S, shield=True):
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    pipe.delete([self._instance_prefix + member.instance_id])
-                    pipe.srem(self._instances_key, [member.instance_id])
-                LOGGER.info("broker: instance %s left the cluster", member.instance_id)
+                await membership.leave(self._client)
+                LOGGER.info("broker: instance %s left the cluster", membership.instance_id)
             except BROKER_ERRORS as error:
                 LOGGER.info(
                     "broker: could not leave the cluster (%s); the entry expires in %gs",
@@ -361,75 +271,88 @@ class RedisBroker(Broker):
                 )
 
     def health(self) -> dict[str, Any]:
-        report: dict[str, Any] = {
+        if self._log is None:
+            return {"kind": self.kind, "state": self.state.value, "url": redact_url(self.url)}
+        stats = self._log.statistics()
+        return {
             "kind": self.kind,
-            "state": self._state.value,
+            "state": stats.state.value,
             "url": redact_url(self.url),
             "stream": self.stream,
-            "last_id": self._last_id,
-            "pending": len(self._pending),
-            "outages": self.outages,
-            "down_for_s": None,
-            "last_error": self._last_error or None,
-            "delivered_during_outages": self.delivered_in_outage,
-            "dropped_during_outages": self.dropped_in_outage,
-            "resent_after_outages": self.resent,
-            "replayed_after_outages": self.replayed,
-            "duplicates_skipped": self.duplicates_skipped,
+            "last_id": stats.last_id,
+            "pending": stats.pending,
+            "outages": stats.outages,
+            "down_for_s": None
+            if stats.down_since is None
+            else round(trio.current_time() - stats.down_since, 3),
+            "last_error": stats.last_error or None,
+            "delivered_during_outages": stats.delivered_during_outages,
+            "dropped_during_outages": stats.dropped_during_outages,
+            "resent_after_outages": stats.resent_after_outages,
+            "replayed_after_outages": stats.replayed_after_outages,
+            "duplicates_skipped": stats.duplicates_skipped,
         }
-        if self._down_since is not None:
-            report["down_for_s"] = round(trio.current_time() - self._down_since, 3)
-        return report
 
     # -- state changes -------------------------------------------------------------------------
 
     def _mark_down(self, error: BaseException) -> None:
-        self._last_error = _describe(error)
-        if self._state is BrokerState.DOWN:
+        log, member = self._require_log(), self._require_member()
+        went_down = log.state is BrokerState.UP
+        flushed = log.on_error(_describe(error), trio.current_time())
+        for broadcast in flushed:
+            member.deliver(broadcast)
+        if not went_down:
             return
-        self._state = BrokerState.DOWN
         self._up = trio.Event()
-        self._down_since = trio.current_time()
-        self.outages += 1
-        member = self._require_member()
-        flushed = 0
-        for pending in self._pending:
-            if not pending.delivered:
-                pending.delivered = True
-                flushed += 1
-                member.deliver(Broadcast(None, pending.message))
-        self.delivered_in_outage += flushed
-        # Any of them may or may not have reached the stream: send them all again, readers
-        # skip what they already have.
-        # Recent messages queued again after a Redis restart (older than anything pending)
-        # stay queued: a second error before they were sent must not drop them.
-        self._unsent = collections.deque(
-            [*(p for p in self._unsent if p.seq <= self._own_confirmed), *self._pending]
-        )
         self._space.unpark_all()  # waiting senders now deliver locally
         LOGGER.warning(
             "broker: Redis at %s unreachable (%s): broadcasts reach this process's clients "
             "only until it is back; %d messages in flight delivered here now; reconnecting",
             redact_url(self.url),
-            self._last_error,
-            flushed,
+            log.statistics().last_error,
+            len(flushed),
         )
 
-    def _mark_up(self, replay_from: str) -> None:
-        if self._state is BrokerState.UP:
-            return
-        down_for = trio.current_time() - (self._down_since or trio.current_time())
-        self._state = BrokerState.UP
-        self._down_since = None
-        self._replaying = True
-        self.resent += len(self._unsent)
+    async def _resync(self) -> None:
+        """After an outage: the log chooses where to replay from and what to send again."""
+        log = self._require_log()
+        resync = log.on_resync(await self._run_id(), await self._stream_info(), trio.current_time())
+        if resync.stream == "gone":
+            LOGGER.warning(
+                "broker: stream %s is gone (Redis restarted without persistence?): reading the "
+                "new one from its start",
+                self.stream,
+            )
+        elif resync.stream == "restored":
+            LOGGER.warning(
+                "broker: stream %s ends at %s, before the last id seen here (%s): Redis was "
+                "restored from an older snapshot; reading on from its end",
+                self.stream,
+                resync.replay_from,
+                resync.last_id_before,
+            )
+        elif resync.stream == "trimmed":
+            LOGGER.warning(
+                "broker: the outage outlasted the replay window: entries after %s were trimmed "
+                "from the stream (TRIO_WS_REDIS_STREAM_MAXLEN); some broadcasts did not reach "
+                "this process's clients",
+                resync.last_id_before,
+            )
+        if resync.restarted is not None:
+            old, new = resync.restarted
+            LOGGER.warning(
+                "broker: Redis restarted (run_id %s -> %s): sending this process's recent "
+                "messages again in case it lost them",
+                old[:8],
+                new[:8],
+            )
         LOGGER.info(
             "broker: Redis at %s is back after %.2fs; replaying the stream after %s, "
             "re-sending %d messages sent here meanwhile",
             redact_url(self.url),
-            down_for,
-            replay_from,
-            len(self._unsent),
+            resync.down_for,
+            resync.replay_from,
+            resync.resending,
         )
         self._up.set()
         self._work.set()
@@ -437,13 +360,14 @@ class RedisBroker(Broker):
     # -- the tasks -----------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
+        log, member = self._require_log(), self._require_member()
         delay = RECONNECT_MIN_S
         while True:
             try:
-                if self._state is BrokerState.DOWN:
+                if log.state is BrokerState.DOWN:
                     await self._resync()
                 response = await self._client.xread(
-                    {self.stream: self._last_id}, count=BATCH, block=BLOCK_MS
+                    {self.stream: log.last_id}, count=BATCH, block=BLOCK_MS
                 )
             except BROKER_ERRORS as error:
                 self._mark_down(error)
@@ -454,129 +378,26 @@ class RedisBroker(Broker):
             delay = RECONNECT_MIN_S
             entries = response.get(self.stream, ()) if response else ()
             for entry in entries:
-                # decode_responses=True: coredis's types allow bytes, the values are str.
-                self._on_entry(str(entry.identifier), cast("Mapping[str, str]", entry.field_values))
-            if self._replaying and len(entries) < BATCH:
-                self._replaying = False
-
-    async def _resync(self) -> None:
-        """After an outage: choose where to replay from, and what to send again.
-
-        If Redis restarted (its ``run_id`` changed) it may have lost the newest entries, which
-        some processes may not have read yet: this process sends its recent messages again
-        (readers skip what they have). If the stream is gone or was recreated, it is read from
-        its start; otherwise from the last id seen here.
-        """
-        run_id = await self._run_id()
-        info = await self._stream_info()
-        replay_from = self._last_id
-        if info is None:
-            LOGGER.warning(
-                "broker: stream %s is gone (Redis restarted without persistence?): reading the "
-                "new one from its start",
-                self.stream,
-            )
-            replay_from = "0-0"
-        elif parse_message_id(str(info["last-generated-id"])) < parse_message_id(self._last_id):
-            # Restored from an older snapshot: everything in it was read here already.
-            replay_from = str(info["last-generated-id"])
-            LOGGER.warning(
-                "broker: stream %s ends at %s, before the last id seen here (%s): Redis was "
-                "restored from an older snapshot; reading on from its end",
-                self.stream,
-                replay_from,
-                self._last_id,
-            )
-        elif parse_message_id(str(info.get("max-deleted-entry-id") or "0-0")) > parse_message_id(
-            self._last_id
-        ):
-            LOGGER.warning(
-                "broker: the outage outlasted the replay window: entries after %s were trimmed "
-                "from the stream (TRIO_WS_REDIS_STREAM_MAXLEN); some broadcasts did not reach "
-                "this process's clients",
-                self._last_id,
-            )
-        if run_id != self._redis_run_id:
-            LOGGER.warning(
-                "broker: Redis restarted (run_id %s -> %s): sending this process's last %d "
-                "messages again in case it lost them",
-                self._redis_run_id[:8],
-                run_id[:8],
-                len(self._recent),
-            )
-            self._redis_run_id = run_id
-            self._unsent = collections.deque([*self._recent, *self._pending])
-        self._last_id = replay_from
-        self._mark_up(replay_from)
-
-    async def _run_id(self) -> str:
-        info = await self._client.info("server")
-        return str(info.get("run_id", ""))
-
-    def _on_entry(self, entry_id: str, fields: Mapping[str, str]) -> None:
-        self._last_id = entry_id
-        try:
-            origin, seq, message = decode_entry(fields)
-        except (KeyError, ValueError) as error:
-            LOGGER.warning(
-                "broker: skipped stream entry %s not written by trio_ws (%r)", entry_id, error
-            )
-            return
-        member = self._require_member()
-        if origin == member.instance_id:
-            self._confirm_own(seq, entry_id)
-            return
-        if seq <= self._seen.get(origin, 0):
-            self._skip(entry_id)
-            return
-        # Least recently seen first: when the map is full, the origin evicted is long gone.
-        self._seen.pop(origin, None)
-        if len(self._seen) >= SEEN_ORIGINS_LIMIT:
-            self._seen.pop(next(iter(self._seen)))
-        self._seen[origin] = seq
-        if self._replaying:
-            self.replayed += 1
-        member.deliver(Broadcast(entry_id, message))
-
-    def _confirm_own(self, seq: int, entry_id: str) -> None:
-        """One of ours came back from the stream: deliver it here (unless done) and forget it."""
-        if seq <= self._own_confirmed:
-            self._skip(entry_id)
-            return
-        self._own_confirmed = seq
-        member = self._require_member()
-        while self._pending and self._pending[0].seq <= seq:
-            pending = self._pending.popleft()
-            self._recent.append(pending)
-            if pending.delivered:
-                continue
-            # An earlier message of ours that never came back cannot be: it was sent first.
-            # Deliver it here all the same rather than lose it.
-            member.deliver(Broadcast(entry_id if pending.seq == seq else None, pending.message))
-        self._space.unpark_all()
-
-    def _skip(self, entry_id: str) -> None:
-        self.duplicates_skipped += 1
-        self._skipped.add(entry_id)
-        self._skipped_order.append(entry_id)
-        if len(self._skipped_order) > self._stream_maxlen:
-            self._skipped.discard(self._skipped_order.popleft())
+                for broadcast in log.on_entry(str(entry.identifier), _decode(entry)):
+                    member.deliver(broadcast)
+            log.read_finished(full=len(entries) >= BATCH)
+            self._space.unpark_all()
 
     async def _publish_loop(self) -> None:
+        log = self._require_log()
         while True:
             await self._up.wait()
-            if not self._unsent:
+            batch = log.next_batch(BATCH)
+            if not batch:
                 self._work = trio.Event()
                 await self._work.wait()
                 continue
-            batch = [self._unsent[i] for i in range(min(BATCH, len(self._unsent)))]
-            origin = self._require_member().instance_id
             try:
                 async with self._client.pipeline(transaction=False) as pipe:
                     for pending in batch:
                         pipe.xadd(
                             self.stream,
-                            encode_entry(origin, pending.seq, pending.message),
+                            encode_entry(log.origin, pending.seq, pending.message),
                             trim_strategy=PureToken.MAXLEN,
                             trim_operator=PureToken.APPROXIMATELY,
                             threshold=self._stream_maxlen,
@@ -584,17 +405,14 @@ class RedisBroker(Broker):
             except BROKER_ERRORS as error:
                 self._mark_down(error)
                 continue
-            # Sent; they stay pending until the reader sees them in the stream.
-            for pending in batch:
-                # _mark_down may have rebuilt the queue meanwhile: only drop what was sent.
-                if self._unsent and self._unsent[0] is pending:
-                    self._unsent.popleft()
+            log.batch_sent(batch)
 
     async def _heartbeat_loop(self) -> None:
+        membership = self._require_membership()
         while True:
             await trio.sleep(self._heartbeat_s)
             await self._up.wait()
-            if self._leaving:
+            if membership.leaving:
                 return
             try:
                 await self._heartbeat()
@@ -602,57 +420,58 @@ class RedisBroker(Broker):
                 self._mark_down(error)
 
     async def _heartbeat(self) -> None:
-        """Write this process's entry (it expires unless renewed) and read everyone's."""
-        member = self._require_member()
-        connections, draining = member.local_state()
-        info = json.dumps(
-            {
-                "connections": connections,
-                "draining": draining,
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-            }
+        connections, draining = self._require_member().local_state()
+        view = await self._require_membership().heartbeat(
+            self._client, connections, draining, trio.current_time()
         )
-        async with self._client.pipeline(transaction=False) as pipe:
-            pipe.set(
-                self._instance_prefix + member.instance_id,
-                info,
-                px=int(self._instance_ttl_s * 1000),
-            )
-            pipe.sadd(self._instances_key, [member.instance_id])
-            members_request = pipe.smembers(self._instances_key)
-        members = sorted(await members_request)
-        values = await self._client.mget([self._instance_prefix + m for m in members])
-        gone = [m for m, value in zip(members, values, strict=True) if value is None]
-        if gone:
-            await self._client.srem(self._instances_key, gone)
-        alive = [json.loads(value) for value in values if value is not None]
-        self._cluster = ClusterView(
-            instances=len(alive),
-            connections=sum(int(entry["connections"]) for entry in alive),
-            draining_instances=sum(1 for entry in alive if entry["draining"]),
-            as_of=trio.current_time(),
-            own_connections=connections,
-        )
+        if view is not None:
+            self._cluster = view
 
-    async def _stream_end(self) -> str:
-        """The id of the stream's newest entry ever, so reading starts with what comes next."""
-        info = await self._stream_info()
-        return "0-0" if info is None else str(info["last-generated-id"])
+    # -- commands ------------------------------------------------------------------------------
 
-    async def _stream_info(self) -> Mapping[str, Any] | None:
-        """``XINFO STREAM``, or None if there is no stream (yet, or any more)."""
+    async def _run_id(self) -> str:
+        info = await self._client.info("server")
+        return str(info.get("run_id", ""))
+
+    async def _stream_info(self) -> StreamInfo | None:
+        """The stream's ends (``XINFO STREAM``), or None if there is no stream (yet, or any
+        more)."""
         try:
-            return cast("Mapping[str, Any]", await self._client.xinfo_stream(self.stream))
+            info = cast("Mapping[str, Any]", await self._client.xinfo_stream(self.stream))
         except coredis.exceptions.ResponseError as error:
             if "no such key" in str(error).lower():
                 return None
             raise
+        return StreamInfo(
+            str(info["last-generated-id"]), str(info.get("max-deleted-entry-id") or "0-0")
+        )
 
     def _require_member(self) -> Member:
         if self._member is None:
             raise RuntimeError("RedisBroker used before run()")
         return self._member
+
+    def _require_log(self) -> ClusterLog:
+        if self._log is None:
+            raise RuntimeError("RedisBroker used before run()")
+        return self._log
+
+    def _require_membership(self) -> Membership:
+        if self._membership is None:
+            raise RuntimeError("RedisBroker used before run()")
+        return self._membership
+
+
+def _decode(entry: StreamEntry) -> Entry | None:
+    """The entry, or None (and a warning) for one that trio_ws did not write."""
+    # decode_responses=True: coredis's types allow bytes, the values are str.
+    try:
+        return decode_entry(cast("Mapping[str, str]", entry.field_values))
+    except (KeyError, ValueError) as error:
+        LOGGER.warning(
+            "broker: skipped stream entry %s not written by trio_ws (%r)", entry.identifier, error
+        )
+        return None
 
 
 def _describe(error: BaseException) -> str:
