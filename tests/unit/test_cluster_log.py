@@ -17,6 +17,7 @@ from trio_ws.brokers.cluster_log import (
     HistoryRequest,
     Pending,
     Resync,
+    StallWatch,
     StreamInfo,
 )
 from trio_ws.brokers.entries import Entry
@@ -430,30 +431,35 @@ class HistoryCase:
     started_at: str = "0-0"
 
 
+def ask(since: str, limit: int = 10, max_bytes: int = 10_000) -> HistoryRequest:
+    return HistoryRequest(since, limit, max_bytes)
+
+
+#: Each of these counts 66 bytes in a budget: a 1-character text and sender, plus 64.
 ABC = stream("1-0 x:1 a", "2-0 x:2 b", "3-0 x:3 c", "4-0 x:4 d")
 
 HISTORY_RULES = [
     pytest.param(
-        HistoryCase(ABC, None, [HistoryRequest("1-0", 10)], [(["b", "c", "d"], True)]),
+        HistoryCase(ABC, None, [ask("1-0", 10)], [(["b", "c", "d"], True)]),
         id="everything after since, oldest first",
     ),
     pytest.param(
-        HistoryCase(ABC, None, [HistoryRequest("2-0", 2)], [(["c", "d"], True)]),
+        HistoryCase(ABC, None, [ask("2-0", 2)], [(["c", "d"], True)]),
         id="exactly the limit: complete",
     ),
     pytest.param(
-        HistoryCase(ABC, None, [HistoryRequest("1-0", 2)], [(["c", "d"], False)]),
+        HistoryCase(ABC, None, [ask("1-0", 2)], [(["c", "d"], False)]),
         id="more than the limit: the newest, incomplete",
     ),
     pytest.param(
-        HistoryCase(ABC[1:], None, [HistoryRequest("1-0", 10)], [(["b", "c", "d"], False)]),
+        HistoryCase(ABC[1:], None, [ask("1-0", 10)], [(["b", "c", "d"], False)]),
         id="review: the since entry is gone (trimmed, lost): incomplete",
     ),
     pytest.param(
         HistoryCase(
             stream("1-0 x:1 a", "2-0 x:2 b", "3-0 x:2 b", "4-0 x:3 c"),
             None,
-            [HistoryRequest("2-0", 10)],
+            [ask("2-0", 10)],
             [(["c"], True)],
         ),
         id="review: a re-sent copy that the reader skipped is left out",
@@ -462,7 +468,7 @@ HISTORY_RULES = [
         HistoryCase(
             stream("1-0 x:1 a", "2-0 x:2 b", "3-0 x:2 b", "4-0 x:3 c"),
             [],
-            [HistoryRequest("1-0", 10)],
+            [ask("1-0", 10)],
             [(["b", "c"], True)],
             started_at="4-0",
         ),
@@ -472,7 +478,7 @@ HISTORY_RULES = [
         HistoryCase(
             stream("1-0 x:1 a", "2-0 -:0 junk", "3-0 x:2 b"),
             None,
-            [HistoryRequest("1-0", 10)],
+            [ask("1-0", 10)],
             [(["b"], True)],
         ),
         id="an entry trio_ws did not write is left out",
@@ -481,7 +487,7 @@ HISTORY_RULES = [
         HistoryCase(
             ABC,
             ["1-0", "2-0"],
-            [HistoryRequest("1-0", 10), HistoryRequest("3-0", 10), HistoryRequest("9-0", 10)],
+            [ask("1-0", 10), ask("3-0", 10), ask("9-0", 10)],
             [(["b"], True), ([], True), ([], False)],
         ),
         id="only up to what the reader delivered here; past it, whether since exists",
@@ -490,10 +496,36 @@ HISTORY_RULES = [
         HistoryCase(
             ABC,
             None,
-            [HistoryRequest("3-0", 10), HistoryRequest("1-0", 1), HistoryRequest("2-0", 10)],
-            [(["d"], True), (["d"], False), (["c", "d"], True)],
+            [ask("1-0", 1), ask("3-0", 10), ask("2-0", 10)],
+            [(["d"], False), (["d"], True), (["c", "d"], True)],
         ),
-        id="a batch: one read, each request its own part",
+        id="a batch: one read, long enough for each, each request its own part",
+    ),
+    pytest.param(
+        HistoryCase(ABC, None, [ask("1-0", max_bytes=3 * 66)], [(["b", "c", "d"], True)]),
+        id="bytes: exactly the budget is complete",
+    ),
+    pytest.param(
+        HistoryCase(ABC, None, [ask("1-0", max_bytes=3 * 66 - 1)], [(["c", "d"], False)]),
+        id="bytes: over the budget, the newest that fit, incomplete",
+    ),
+    pytest.param(
+        HistoryCase(
+            stream("1-0 x:1 a", "2-0 x:2 b", f"3-0 x:3 {'c' * 1000}", "4-0 x:4 d"),
+            None,
+            [ask("1-0", max_bytes=500)],
+            [(["d"], False)],
+        ),
+        id="bytes: one that does not fit ends the history (no gaps)",
+    ),
+    pytest.param(
+        HistoryCase(
+            ABC,
+            None,
+            [ask("18446744073709551616-0"), ask("1-0")],
+            [([], False), (["b", "c", "d"], True)],
+        ),
+        id="a since beyond what Redis accepts: incomplete, and the others still answered",
     ),
 ]
 
@@ -508,6 +540,8 @@ def test_history_rules(case: HistoryCase) -> None:
         log.on_entry(entry_id, by_id[entry_id].entry)
 
     plan = log.plan_histories(case.requests)
+    for asked in (plan.newest, plan.oldest, *plan.anchors):
+        assert max(parse_message_id(asked)) < 2**64, "Redis would refuse the whole read"
     # What Redis would answer: XREVRANGE newest oldest COUNT count, and one XRANGE per anchor.
     newest, oldest = parse_message_id(plan.newest), parse_message_id(plan.oldest)
     in_range = [s for s in case.stored if oldest <= parse_message_id(s.entry_id) <= newest]
@@ -521,3 +555,53 @@ def test_history_rules(case: HistoryCase) -> None:
         assert [b.id for b in history.broadcasts] == sorted(
             (b.id for b in history.broadcasts), key=lambda i: parse_message_id(str(i))
         )
+
+
+# -- the stall watch ----------------------------------------------------------------------------
+
+#: Steps: "read <t>" a read finished; "restart <t>" a new connection; "check <t> <pending>
+#: <confirmed>" the watchdog looks. The row says whether the last check finds a stall (the
+#: stall timeout is 10).
+STALL_RULES = [
+    pytest.param("read 9, check 12 0 0", False, id="reads finishing, nothing waiting: fine"),
+    pytest.param(
+        "check 5 0 0, check 10.5 0 0",
+        True,
+        id="no read finished for longer than the timeout: stalled",
+    ),
+    pytest.param(
+        "check 4 0 0, read 9, check 9 1 0, read 14.5, check 14.5 1 0",
+        True,
+        id="a message waiting to come back for longer than the timeout: stalled",
+    ),
+    pytest.param(
+        "check 4 0 0, read 9, check 9 1 0, read 14, check 14 1 1, read 20, check 20 1 1",
+        False,
+        id="messages coming back: fine, however many still wait",
+    ),
+    pytest.param(
+        "read 9, check 9 1 0, read 12, check 12 0 0, read 21, check 21 1 0",
+        False,
+        id="nothing waiting for a moment: the wait starts again",
+    ),
+    pytest.param("restart 20, check 25 3 0", False, id="a new connection: the clocks start again"),
+]
+
+
+@pytest.mark.parametrize(("steps", "stalled"), STALL_RULES)
+def test_stall_rules(steps: str, stalled: bool) -> None:
+    watch = StallWatch(stall_timeout=10)
+    watch.restart(0, confirmed=0)
+    found = None
+    for step in steps.split(", "):
+        kind, now, *counts = step.split()
+        if kind == "read":
+            watch.read_finished(float(now))
+        elif kind == "restart":
+            watch.restart(float(now), confirmed=0)
+        else:
+            pending, confirmed = map(int, counts)
+            found = watch.check(float(now), pending, confirmed)
+    assert (found is not None) is stalled
+    if found is not None:
+        assert "no progress" in str(found)

@@ -23,8 +23,11 @@ The rules (tests/unit/test_cluster_log.py has a row for each):
   If Redis restarted (a new ``run_id``), also send the recent confirmed messages again: it may
   have lost entries that other processes had not read yet.
 * **History**: the broadcasts after a resuming client's ``since``, up to what the reader has
-  delivered here, without the copies the reader skipped; complete only if the ``since`` entry
-  is still in the stream and nothing was left out.
+  delivered here, without the copies the reader skipped: the newest that fit in the request's
+  budget. Complete only if the ``since`` entry is still in the stream and nothing was left out.
+  The requests that arrive together are answered from one read.
+* **Stall** (:class:`StallWatch`): a broker that is up but has stopped moving (messages wait to
+  come back from the stream, or no read has finished for ``stall_timeout``) is treated as down.
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ import collections
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from trio_ws.core.broker import Broadcast, BrokerState, History, Outgoing
+from trio_ws.core.broker import (
+    BROADCAST_OVERHEAD_BYTES,
+    Broadcast,
+    BrokerState,
+    History,
+    HistoryBudget,
+    Outgoing,
+)
 from trio_ws.core.protocol import parse_message_id
 
 if TYPE_CHECKING:
@@ -47,6 +57,8 @@ if TYPE_CHECKING:
 RECENT_LIMIT = 1000
 #: Origins remembered for de-duplication; each process start is a new origin.
 SEEN_ORIGINS_LIMIT = 10_000
+#: Each half of a Redis Stream id is an unsigned 64-bit number: Redis refuses a larger one.
+STREAM_ID_PART_MAX = 2**64 - 1
 
 
 @dataclass(slots=True)
@@ -87,10 +99,17 @@ class Resync:
 
 @dataclass(frozen=True, slots=True)
 class HistoryRequest:
-    """A resuming client's question: what came after ``since``, at most ``limit`` of it."""
+    """A resuming client's question: what came after ``since``, the newest that fit in
+    ``limit`` broadcasts and ``max_bytes`` bytes."""
 
     since: str
     limit: int
+    max_bytes: int
+
+    @property
+    def most(self) -> int:
+        """The most broadcasts that can fit: each counts at least the overhead."""
+        return min(self.limit, self.max_bytes // BROADCAST_OVERHEAD_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,7 +356,10 @@ class ClusterLog:
         behind: list[HistoryRequest] = []
         ahead: dict[str, None] = {}  # ordered, without repeats
         for request in requests:
-            if parse_message_id(request.since) < newest:
+            since = parse_message_id(request.since)
+            if not _is_stream_id(since):
+                continue  # answered at once: Redis would refuse the whole read
+            if since < newest:
                 behind.append(request)
             else:
                 ahead[request.since] = None
@@ -346,7 +368,7 @@ class ClusterLog:
             return HistoryRead(self._last_id, self._last_id, 0, anchors)
         oldest = min(behind, key=lambda r: parse_message_id(r.since)).since
         # One more than the longest answer: a request whose range holds more is cut anyway.
-        count = max(r.limit for r in behind) + 1
+        count = max(r.most for r in behind) + 1
         return HistoryRead(self._last_id, oldest, count, anchors)
 
     def answer_histories(
@@ -363,11 +385,14 @@ class ClusterLog:
         answers: list[History] = []
         for request in requests:
             since = parse_message_id(request.since)
+            if not _is_stream_id(since):
+                answers.append(History([], False))  # no such entry can exist
+                continue
             if since >= newest:
                 # The reader has not passed ``since``: everything after it comes live.
                 answers.append(History([], request.since in anchors_found))
                 continue
-            answers.append(index.after(since, request.limit))
+            answers.append(index.after(since, HistoryBudget(request.limit, request.max_bytes)))
         return answers
 
     # -- internals -----------------------------------------------------------------------------
@@ -420,8 +445,8 @@ class _ReadIndex:
             last_copy[identity] = len(self.broadcasts)
             self.broadcasts.append(Broadcast(entry_id, entry.message))
 
-    def after(self, since: tuple[int, int], limit: int) -> History:
-        """The newest broadcasts after ``since`` (at most ``limit``), oldest first."""
+    def after(self, since: tuple[int, int], budget: HistoryBudget) -> History:
+        """The newest broadcasts after ``since`` that fit in ``budget``, oldest first."""
         start = bisect.bisect_right(self.keys, since)
         # The ``since`` entry itself is in the read: nothing after it was trimmed, and the
         # read (contiguous, newest first) holds everything after it.
@@ -432,9 +457,63 @@ class _ReadIndex:
             broadcast = self.broadcasts[position]
             if broadcast is None or self.earlier_copy[position] >= start:
                 continue
-            if len(kept) == limit:
+            if not budget.take(broadcast.message):
                 cut = True
                 break
             kept.append(broadcast)
         kept.reverse()
         return History(kept, present and not cut)
+
+
+def _is_stream_id(key: tuple[int, int]) -> bool:
+    return key[0] <= STREAM_ID_PART_MAX and key[1] <= STREAM_ID_PART_MAX
+
+
+@dataclass(frozen=True, slots=True)
+class Stall:
+    """What :class:`StallWatch` saw: the numbers for the warning."""
+
+    pending: int
+    #: Seconds since a pending message last came back from the stream (or none was pending).
+    waiting_for: float
+    #: Seconds since the reader last finished a read.
+    read_ago: float
+
+    def __str__(self) -> str:
+        return (
+            f"no progress: {self.pending} messages waiting {self.waiting_for:.1f}s to come back "
+            f"from the stream, last read finished {self.read_ago:.1f}s ago"
+        )
+
+
+class StallWatch:
+    """Notices a broker that says it is up but has stopped moving.
+
+    Every command has a deadline, so a read finishes (with entries or not) within a block plus
+    a command timeout, and a pending message comes back soon after it was sent. Either taking
+    longer than ``stall_timeout`` means something the deadlines do not cover is stuck.
+    """
+
+    def __init__(self, stall_timeout: float) -> None:
+        self.stall_timeout = stall_timeout
+        self._read_at = 0.0
+        self._progress_at = 0.0
+        self._confirmed = 0
+
+    def restart(self, now: float, confirmed: int) -> None:
+        """A new connection: both clocks start again."""
+        self._read_at = self._progress_at = now
+        self._confirmed = confirmed
+
+    def read_finished(self, now: float) -> None:
+        self._read_at = now
+
+    def check(self, now: float, pending: int, confirmed: int) -> Stall | None:
+        """Called regularly: ``pending`` messages wait, the newest seen back is ``confirmed``."""
+        if pending == 0 or confirmed != self._confirmed:
+            self._confirmed = confirmed
+            self._progress_at = now
+        stall = Stall(pending, now - self._progress_at, now - self._read_at)
+        if max(stall.waiting_for, stall.read_ago) > self.stall_timeout:
+            return stall
+        return None

@@ -16,14 +16,23 @@ Theory of operation:
   an outage (because its first ``XADD`` may or may not have landed) is delivered once.
 * **Outage**: on the first error the broker is *down*: every pending message not yet delivered
   here is delivered to this process's clients at once (id ``None``), and so is every message
-  published until Redis answers again; clients of each process keep talking. The reader retries
+  published until Redis answers again; clients of each process keep talking. The broker retries
   with backoff; once Redis answers it replays the stream from its last id (what others sent
   meanwhile), and the publisher re-sends everything pending (what this process sent meanwhile),
   which the other processes then deliver and this one skips.
 * **Cluster**: :mod:`trio_ws.brokers.membership` (heartbeat, cluster view, periodic claim).
 
-The decisions (what to deliver, skip, send again, replay) are :mod:`trio_ws.brokers.cluster_log`'s,
-which does no I/O; this module does the I/O and hands it what happened.
+The decisions (what to deliver, skip, send again, replay) are
+:mod:`trio_ws.brokers.cluster_log`'s, which does no I/O; this module does the I/O and tells the
+log what happened.
+
+Never wedged: only the broker's own tasks run Redis commands (a resuming client's history is
+asked for through a :class:`~trio_ws.brokers.mailbox.Mailbox`, so no handler's cancellation
+reaches coredis); every command has a deadline; and an outage ends the *session*: the coredis
+client and its connection pool are thrown away, and the next session starts with new ones, so
+nothing a cancelled or timed-out command left behind in the pool carries over. A watchdog
+(:class:`~trio_ws.brokers.cluster_log.StallWatch`) ends a session that is up but no longer
+moving, whatever the reason.
 
 No coredis retry policy and no coredis Pub/Sub: every command fails fast and this module owns
 the reconnect (coredis's Pub/Sub reconnect can end silently).
@@ -31,6 +40,7 @@ the reconnect (coredis's Pub/Sub reconnect can end silently).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from typing import TYPE_CHECKING, Any, cast
@@ -42,8 +52,15 @@ import trio
 from coredis.retry import NoRetryPolicy
 from coredis.tokens import PureToken
 
-from trio_ws.brokers.cluster_log import ClusterLog, HistoryRequest, StreamInfo
+from trio_ws.brokers.cluster_log import (
+    ClusterLog,
+    HistoryRead,
+    HistoryRequest,
+    StallWatch,
+    StreamInfo,
+)
 from trio_ws.brokers.entries import Entry, decode_entry, encode_entry
+from trio_ws.brokers.mailbox import Mailbox
 from trio_ws.brokers.membership import Membership
 from trio_ws.core.broker import (
     Broker,
@@ -57,13 +74,16 @@ from trio_ws.core.broker import (
 from trio_ws.settings import redact_url
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
 
     from coredis.response.types import StreamEntry
 
+    #: A command a caller asks the broker to run: given the client, it answers True or False.
+    Command = Callable[[coredis.Redis[str]], Awaitable[bool]]
+
 LOGGER = logging.getLogger(__name__)
 
-#: How long ``XREAD`` blocks on the server; a command may take this plus ``COMMAND_TIMEOUT_S``.
+#: How long ``XREAD`` blocks on the server; a read may take this plus ``COMMAND_TIMEOUT_S``.
 BLOCK_MS = 1000
 #: Most entries one ``XREAD`` returns, and most ``XADD`` in one pipeline.
 BATCH = 500
@@ -75,7 +95,7 @@ RECONNECT_MIN_S = 0.05
 RECONNECT_MAX_S = 2.0
 
 #: Everything that means "Redis did not answer as it should": the broker goes down and retries.
-BROKER_ERRORS: tuple[type[BaseException], ...] = (
+BROKER_ERRORS: tuple[type[Exception], ...] = (
     coredis.exceptions.RedisError,
     OSError,
     anyio.ClosedResourceError,
@@ -85,7 +105,11 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 class RedisBroker(Broker):
-    """Broadcasts through a Redis Stream; see the module docstring."""
+    """Broadcasts through a Redis Stream; see the module docstring.
+
+    ``stall_timeout`` (default: twice the command timeout plus the read's block time) is how
+    long the broker may be up without moving before the watchdog calls it an outage.
+    """
 
     kind = "redis"
 
@@ -100,6 +124,7 @@ class RedisBroker(Broker):
         command_timeout: float = COMMAND_TIMEOUT_S,
         heartbeat_s: float = HEARTBEAT_S,
         instance_ttl_s: float = INSTANCE_TTL_S,
+        stall_timeout: float | None = None,
     ) -> None:
         self.url = url
         self.stream = f"{prefix}:broadcasts"
@@ -107,24 +132,26 @@ class RedisBroker(Broker):
         self._stream_maxlen = stream_maxlen
         self._pending_limit = pending_limit
         self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
         self._heartbeat_s = heartbeat_s
         self._instance_ttl_s = instance_ttl_s
-        self._client: coredis.Redis[str] = coredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            retry_policy=NoRetryPolicy(),
-            connect_timeout=connect_timeout,
-            stream_timeout=BLOCK_MS / 1000 + command_timeout,
-        )
+        if stall_timeout is None:
+            stall_timeout = 2 * command_timeout + BLOCK_MS / 1000
+        self._watch = StallWatch(stall_timeout)
         # Set by run(): they need this process's instance id.
         self._member: Member | None = None
         self._log: ClusterLog | None = None
         self._membership: Membership | None = None
         self._cluster: ClusterView | None = None
-        self._up = trio.Event()
-        self._up.set()
+        #: Ends the current session (cancelled on an outage); None between sessions.
+        self._session: trio.CancelScope | None = None
         self._work = trio.Event()
         self._space = trio.lowlevel.ParkingLot()
+        self._histories: Mailbox[HistoryRequest, History] = Mailbox()
+        self._commands: Mailbox[Command, bool] = Mailbox()
+        self.history_requests = 0
+        self.history_reads = 0
+        self.stalls = 0
 
     # -- the Broker interface ------------------------------------------------------------------
 
@@ -143,49 +170,14 @@ class RedisBroker(Broker):
             member.instance_id, pending_limit=self._pending_limit, skipped_limit=self._stream_maxlen
         )
         self._membership = Membership(self._prefix, member.instance_id, self._instance_ttl_s)
-        started = False
-        try:
-            # coredis's client runs a task group: whatever leaves this block is a group.
-            async with self._client:
-                await self._connect()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read_loop)
-                    nursery.start_soon(self._publish_loop)
-                    nursery.start_soon(self._heartbeat_loop)
-                    started = True
-                    task_status.started()
-        except BaseExceptionGroup as group:
-            unavailable, _ = group.split(BrokerUnavailableError)
-            if unavailable is not None and not started:
-                raise _first_leaf(unavailable) from None
-            _, rest = group.split(BROKER_ERRORS)
-            if rest is not None:
-                raise  # cancellation, or a bug
-            # The client failed on its way out (Redis gone at shutdown), or underneath the
-            # running tasks: either way no broker is left; say so rather than seem up.
-            LOGGER.warning("broker: the Redis client stopped: %s", _describe(_first_leaf(group)))
-            self._mark_down(_first_leaf(group))
-
-    async def _connect(self) -> None:
-        log, member = self._require_log(), self._require_member()
-        try:
-            with trio.fail_after(self._connect_timeout):
-                log.start(await self._run_id(), await self._stream_info())
-                await self._heartbeat()
-        except BROKER_ERRORS as error:
-            raise BrokerUnavailableError(
-                f"cannot reach Redis at {redact_url(self.url)}: {_describe(error)}"
-            ) from None
-        LOGGER.info(
-            "broker: Redis at %s, stream %s from id %s, instance %s; cluster: %d instances, "
-            "%d connections",
-            redact_url(self.url),
-            self.stream,
-            log.last_id,
-            member.instance_id,
-            self._cluster.instances if self._cluster else 0,
-            self._cluster.connections if self._cluster else 0,
-        )
+        await self._run_session(first=True, task_status=task_status)
+        delay = RECONNECT_MIN_S
+        while True:
+            # Equal jitter: instances restarted together do not reconnect in lockstep.
+            await trio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, RECONNECT_MAX_S)
+            if await self._run_session(first=False):
+                delay = RECONNECT_MIN_S
 
     async def publish(self, message: Outgoing) -> None:
         log, member = self._require_log(), self._require_member()
@@ -207,73 +199,53 @@ class RedisBroker(Broker):
 
     @property
     def last_id(self) -> str | None:
-        last_id = self._require_log().last_id if self._log is not None else "0-0"
+        last_id = "0-0" if self._log is None else self._log.last_id
         return None if last_id == "0-0" else last_id
 
-    async def history(self, since: str, limit: int) -> History:
+    async def history(self, since: str, *, limit: int, max_bytes: int) -> History:
         """From the stream, up to what the reader has delivered here (what comes later reaches
         the client live), without the copies that the reader skipped as duplicates.
 
-        ``complete`` is False when the entry ``since`` names is no longer in the stream
-        (trimmed, or lost in a Redis restart), or there is more than ``limit``.
+        The broker's history task reads it, together with the other requests that arrived
+        meanwhile; the caller only waits (and may be cancelled). ``complete`` is False when
+        the entry ``since`` names is no longer in the stream (trimmed, or lost in a Redis
+        restart), when some did not fit, or when Redis is down.
         """
-        log = self._require_log()
-        if log.state is BrokerState.DOWN:
+        self.history_requests += 1
+        if self._require_log().state is BrokerState.DOWN:
             return History([], False)
-        requests = [HistoryRequest(since, limit)]
-        read = log.plan_histories(requests)
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                range_request = (
-                    pipe.xrevrange(self.stream, read.newest, read.oldest, count=read.count)
-                    if read.count
-                    else None
-                )
-                anchor_requests = [pipe.xrange(self.stream, a, a, count=1) for a in read.anchors]
-            entries = await range_request if range_request is not None else ()
-            anchors_found = {
-                anchor
-                for anchor, request in zip(read.anchors, anchor_requests, strict=True)
-                if await request
-            }
-        except BROKER_ERRORS as error:
-            LOGGER.info("broker: could not read history after %s: %s", since, _describe(error))
-            return History([], False)
-        decoded = [(str(entry.identifier), _decode(entry)) for entry in entries]
-        return log.answer_histories(requests, read, decoded, anchors_found)[0]
+        answer = await self._histories.ask(HistoryRequest(since, limit, max_bytes))
+        return History([], False) if answer is None else answer
 
     async def claim_periodic(self, slot: int, interval: float) -> bool:
         if self.state is BrokerState.DOWN:
             return True  # each process keeps its own clients informed during an outage
-        try:
-            won = await self._require_membership().claim_periodic(self._client, slot, interval)
-            if won:
-                await self._heartbeat()  # the periodic message reports a fresh cluster count
-        except BROKER_ERRORS as error:
-            self._mark_down(error)
-            return True
-        return won
+        won = await self._commands.ask(functools.partial(self._claim_periodic, slot, interval))
+        return True if won is None else won  # None: Redis went down meanwhile
 
     async def leave(self) -> None:
         membership = self._require_membership()
         membership.leaving = True  # no heartbeat may register this process again
         if self.state is BrokerState.DOWN:
             return  # the entry expires by itself; do not hold the exit for a timeout
-        with trio.move_on_after(COMMAND_TIMEOUT_S, shield=True):
-            try:
-                await membership.leave(self._client)
-                LOGGER.info("broker: instance %s left the cluster", membership.instance_id)
-            except BROKER_ERRORS as error:
-                LOGGER.info(
-                    "broker: could not leave the cluster (%s); the entry expires in %gs",
-                    _describe(error),
-                    self._instance_ttl_s,
-                )
+        left = None
+        with trio.move_on_after(self._command_timeout, shield=True):
+            left = await self._commands.ask(self._leave)
+        if left:
+            LOGGER.info("broker: instance %s left the cluster", membership.instance_id)
+        else:
+            LOGGER.info(
+                "broker: could not leave the cluster; the entry expires in %gs",
+                self._instance_ttl_s,
+            )
 
     def health(self) -> dict[str, Any]:
         if self._log is None:
             return {"kind": self.kind, "state": self.state.value, "url": redact_url(self.url)}
         stats = self._log.statistics()
+        down_for = None
+        if stats.down_since is not None:
+            down_for = round(trio.current_time() - stats.down_since, 3)
         return {
             "kind": self.kind,
             "state": stats.state.value,
@@ -282,41 +254,85 @@ class RedisBroker(Broker):
             "last_id": stats.last_id,
             "pending": stats.pending,
             "outages": stats.outages,
-            "down_for_s": None
-            if stats.down_since is None
-            else round(trio.current_time() - stats.down_since, 3),
+            "down_for_s": down_for,
             "last_error": stats.last_error or None,
             "delivered_during_outages": stats.delivered_during_outages,
             "dropped_during_outages": stats.dropped_during_outages,
             "resent_after_outages": stats.resent_after_outages,
             "replayed_after_outages": stats.replayed_after_outages,
             "duplicates_skipped": stats.duplicates_skipped,
+            "stalls": self.stalls,
+            "history_requests": self.history_requests,
+            "history_reads": self.history_reads,
         }
 
-    # -- state changes -------------------------------------------------------------------------
+    # -- sessions ------------------------------------------------------------------------------
 
-    def _mark_down(self, error: BaseException) -> None:
-        log, member = self._require_log(), self._require_member()
-        went_down = log.state is BrokerState.UP
-        flushed = log.on_error(_describe(error), trio.current_time())
-        for broadcast in flushed:
-            member.deliver(broadcast)
-        if not went_down:
-            return
-        self._up = trio.Event()
-        self._space.unpark_all()  # waiting senders now deliver locally
-        LOGGER.warning(
-            "broker: Redis at %s unreachable (%s): broadcasts reach this process's clients "
-            "only until it is back; %d messages in flight delivered here now; reconnecting",
-            redact_url(self.url),
-            log.statistics().last_error,
-            len(flushed),
+    async def _run_session(
+        self, *, first: bool, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> bool:
+        """One coredis client, from connecting to its first error (or the watchdog's verdict).
+
+        ``first``: at startup, connect (or raise :class:`BrokerUnavailableError`); afterwards,
+        resync. Returns whether Redis answered.
+        """
+        client = self._new_client()
+        connected = False
+        failure: Exception | None = None
+        with trio.CancelScope() as self._session:
+            try:
+                # coredis's client runs a task group: whatever leaves this block is a group.
+                async with client:
+                    with trio.fail_after(self._connect_timeout):
+                        await (self._connect(client) if first else self._resync(client))
+                    connected = True
+                    task_status.started()
+                    await self._serve(client)
+            except* BROKER_ERRORS as errors:
+                failure = _first_leaf(errors)
+        ended_here = self._session.cancel_called  # by _fail, which reported the outage
+        self._session = None
+        # Nobody is left to answer these; and nothing more will be asked before the next
+        # session, since the broker is down (or shutting down).
+        self._histories.give_up()
+        self._commands.give_up()
+        if failure is not None and first and not connected:
+            raise BrokerUnavailableError(
+                f"cannot reach Redis at {redact_url(self.url)}: {_describe(failure)}"
+            ) from None
+        if failure is not None and not ended_here:
+            self._go_down("unreachable", _describe(failure))
+        return connected
+
+    def _new_client(self) -> coredis.Redis[str]:
+        return coredis.Redis.from_url(
+            self.url,
+            decode_responses=True,
+            retry_policy=NoRetryPolicy(),
+            connect_timeout=self._connect_timeout,
+            stream_timeout=BLOCK_MS / 1000 + self._command_timeout,
         )
 
-    async def _resync(self) -> None:
+    async def _connect(self, client: coredis.Redis[str]) -> None:
+        log = self._require_log()
+        log.start(await self._run_id(client), await self._stream_info(client))
+        await self._heartbeat(client)
+        LOGGER.info(
+            "broker: Redis at %s, stream %s from id %s, instance %s; cluster: %d instances, "
+            "%d connections",
+            redact_url(self.url),
+            self.stream,
+            log.last_id,
+            log.origin,
+            self._cluster.instances if self._cluster else 0,
+            self._cluster.connections if self._cluster else 0,
+        )
+
+    async def _resync(self, client: coredis.Redis[str]) -> None:
         """After an outage: the log chooses where to replay from and what to send again."""
         log = self._require_log()
-        resync = log.on_resync(await self._run_id(), await self._stream_info(), trio.current_time())
+        run_id, stream = await self._run_id(client), await self._stream_info(client)
+        resync = log.on_resync(run_id, stream, trio.current_time())
         if resync.stream == "gone":
             LOGGER.warning(
                 "broker: stream %s is gone (Redis restarted without persistence?): reading the "
@@ -354,28 +370,61 @@ class RedisBroker(Broker):
             resync.replay_from,
             resync.resending,
         )
-        self._up.set()
-        self._work.set()
 
-    # -- the tasks -----------------------------------------------------------------------------
+    async def _serve(self, client: coredis.Redis[str]) -> None:
+        """The session's tasks, until one of them fails (then :meth:`_fail` cancels them)."""
+        self._watch.restart(trio.current_time(), self._require_log().own_confirmed)
+        self._work.set()  # anything queued meanwhile is sent now
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_loop, client)
+            nursery.start_soon(self._publish_loop, client)
+            nursery.start_soon(self._heartbeat_loop, client)
+            nursery.start_soon(self._history_loop, client)
+            nursery.start_soon(self._command_loop, client)
+            nursery.start_soon(self._watchdog)
 
-    async def _read_loop(self) -> None:
+    def _fail(self, condition: str, reason: str) -> None:
+        """End the session: an outage until the next one resyncs."""
+        self._go_down(condition, reason)
+        if self._session is not None:
+            self._session.cancel()
+
+    def _go_down(self, condition: str, reason: str) -> None:
+        """``condition``: "unreachable" or "stalled"; ``reason``: the error, or the numbers."""
         log, member = self._require_log(), self._require_member()
-        delay = RECONNECT_MIN_S
+        went_down = log.state is BrokerState.UP
+        flushed = log.on_error(reason, trio.current_time())
+        for broadcast in flushed:
+            member.deliver(broadcast)
+        if not went_down:
+            return
+        self._space.unpark_all()  # waiting senders now deliver locally
+        LOGGER.warning(
+            "broker: Redis at %s %s (%s): broadcasts reach this process's clients only until "
+            "it is back; %d messages in flight delivered here now; reconnecting with a new client",
+            redact_url(self.url),
+            condition,
+            reason,
+            len(flushed),
+        )
+
+    def _command_failed(self, error: Exception) -> None:
+        self._fail("unreachable", _describe(error))
+
+    # -- the session's tasks -------------------------------------------------------------------
+
+    async def _read_loop(self, client: coredis.Redis[str]) -> None:
+        log, member = self._require_log(), self._require_member()
         while True:
             try:
-                if log.state is BrokerState.DOWN:
-                    await self._resync()
-                response = await self._client.xread(
-                    {self.stream: log.last_id}, count=BATCH, block=BLOCK_MS
-                )
+                with trio.fail_after(BLOCK_MS / 1000 + self._command_timeout):
+                    response = await client.xread(
+                        {self.stream: log.last_id}, count=BATCH, block=BLOCK_MS
+                    )
             except BROKER_ERRORS as error:
-                self._mark_down(error)
-                # Equal jitter: instances restarted together do not reconnect in lockstep.
-                await trio.sleep(random.uniform(delay / 2, delay))
-                delay = min(delay * 2, RECONNECT_MAX_S)
-                continue
-            delay = RECONNECT_MIN_S
+                self._command_failed(error)
+                return
+            self._watch.read_finished(trio.current_time())
             entries = response.get(self.stream, ()) if response else ()
             for entry in entries:
                 for broadcast in log.on_entry(str(entry.identifier), _decode(entry)):
@@ -383,61 +432,144 @@ class RedisBroker(Broker):
             log.read_finished(full=len(entries) >= BATCH)
             self._space.unpark_all()
 
-    async def _publish_loop(self) -> None:
+    async def _publish_loop(self, client: coredis.Redis[str]) -> None:
         log = self._require_log()
         while True:
-            await self._up.wait()
             batch = log.next_batch(BATCH)
             if not batch:
                 self._work = trio.Event()
                 await self._work.wait()
                 continue
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for pending in batch:
-                        pipe.xadd(
-                            self.stream,
-                            encode_entry(log.origin, pending.seq, pending.message),
-                            trim_strategy=PureToken.MAXLEN,
-                            trim_operator=PureToken.APPROXIMATELY,
-                            threshold=self._stream_maxlen,
-                        )
+                with trio.fail_after(self._command_timeout):
+                    async with client.pipeline(transaction=False) as pipe:
+                        for pending in batch:
+                            pipe.xadd(
+                                self.stream,
+                                encode_entry(log.origin, pending.seq, pending.message),
+                                trim_strategy=PureToken.MAXLEN,
+                                trim_operator=PureToken.APPROXIMATELY,
+                                threshold=self._stream_maxlen,
+                            )
             except BROKER_ERRORS as error:
-                self._mark_down(error)
-                continue
+                self._command_failed(error)
+                return
             log.batch_sent(batch)
 
-    async def _heartbeat_loop(self) -> None:
+    async def _heartbeat_loop(self, client: coredis.Redis[str]) -> None:
         membership = self._require_membership()
         while True:
             await trio.sleep(self._heartbeat_s)
-            await self._up.wait()
             if membership.leaving:
                 return
             try:
-                await self._heartbeat()
+                with trio.fail_after(self._command_timeout):
+                    await self._heartbeat(client)
             except BROKER_ERRORS as error:
-                self._mark_down(error)
+                self._command_failed(error)
+                return
 
-    async def _heartbeat(self) -> None:
+    async def _history_loop(self, client: coredis.Redis[str]) -> None:
+        """Answers the history requests that arrived since the last read, with one read."""
+        log = self._require_log()
+        while True:
+            requests = await self._histories.take_all()
+            try:
+                questions = [request.question for request in requests]
+                read = log.plan_histories(questions)
+                try:
+                    with trio.fail_after(self._command_timeout):
+                        entries, anchors_found = await self._read_history(client, read)
+                except coredis.exceptions.ResponseError as error:
+                    # Redis answered, with an error about this read: not an outage.
+                    LOGGER.info("broker: could not read history: %s", _describe(error))
+                    continue
+                except BROKER_ERRORS as error:
+                    self._command_failed(error)
+                    return
+                answers = log.answer_histories(questions, read, entries, anchors_found)
+                for request, answer in zip(requests, answers, strict=True):
+                    request.reply(answer)
+            finally:
+                for request in requests:
+                    request.give_up()  # unless answered: the caller gets an incomplete history
+
+    async def _read_history(
+        self, client: coredis.Redis[str], read: HistoryRead
+    ) -> tuple[Sequence[tuple[str, Entry | None]], set[str]]:
+        """The range (newest first) and which anchors exist, in one pipeline."""
+        if not read.count and not read.anchors:
+            return [], set()  # no request can be in the stream
+        self.history_reads += 1
+        async with client.pipeline(transaction=False) as pipe:
+            range_request = None
+            if read.count:
+                range_request = pipe.xrevrange(
+                    self.stream, read.newest, read.oldest, count=read.count
+                )
+            anchor_requests = [pipe.xrange(self.stream, a, a, count=1) for a in read.anchors]
+        entries = await range_request if range_request is not None else ()
+        anchors_found = set()
+        for anchor, request in zip(read.anchors, anchor_requests, strict=True):
+            if await request:
+                anchors_found.add(anchor)
+        return [(str(entry.identifier), _decode(entry)) for entry in entries], anchors_found
+
+    async def _command_loop(self, client: coredis.Redis[str]) -> None:
+        """Runs the commands that callers asked for (periodic claims, leaving)."""
+        while True:
+            requests = await self._commands.take_all()
+            try:
+                for request in requests:
+                    try:
+                        with trio.fail_after(self._command_timeout):
+                            request.reply(await request.question(client))
+                    except BROKER_ERRORS as error:
+                        self._command_failed(error)
+                        return
+            finally:
+                for request in requests:
+                    request.give_up()
+
+    async def _watchdog(self) -> None:
+        log = self._require_log()
+        while True:
+            await trio.sleep(self._watch.stall_timeout / 4)
+            stall = self._watch.check(trio.current_time(), log.pending, log.own_confirmed)
+            if stall is not None:
+                self.stalls += 1
+                self._fail("stalled", f"{stall}; last id {log.last_id}")
+                return
+
+    # -- commands ------------------------------------------------------------------------------
+
+    async def _heartbeat(self, client: coredis.Redis[str]) -> None:
         connections, draining = self._require_member().local_state()
         view = await self._require_membership().heartbeat(
-            self._client, connections, draining, trio.current_time()
+            client, connections, draining, trio.current_time()
         )
         if view is not None:
             self._cluster = view
 
-    # -- commands ------------------------------------------------------------------------------
+    async def _claim_periodic(self, slot: int, interval: float, client: coredis.Redis[str]) -> bool:
+        won = await self._require_membership().claim_periodic(client, slot, interval)
+        if won:
+            await self._heartbeat(client)  # the periodic message reports a fresh cluster count
+        return won
 
-    async def _run_id(self) -> str:
-        info = await self._client.info("server")
+    async def _leave(self, client: coredis.Redis[str]) -> bool:
+        await self._require_membership().leave(client)
+        return True
+
+    async def _run_id(self, client: coredis.Redis[str]) -> str:
+        info = await client.info("server")
         return str(info.get("run_id", ""))
 
-    async def _stream_info(self) -> StreamInfo | None:
+    async def _stream_info(self, client: coredis.Redis[str]) -> StreamInfo | None:
         """The stream's ends (``XINFO STREAM``), or None if there is no stream (yet, or any
         more)."""
         try:
-            info = cast("Mapping[str, Any]", await self._client.xinfo_stream(self.stream))
+            info = cast("Mapping[str, Any]", await client.xinfo_stream(self.stream))
         except coredis.exceptions.ResponseError as error:
             if "no such key" in str(error).lower():
                 return None
@@ -475,12 +607,14 @@ def _decode(entry: StreamEntry) -> Entry | None:
 
 
 def _describe(error: BaseException) -> str:
+    if isinstance(error, trio.TooSlowError):
+        return "no answer within the command timeout"
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+def _first_leaf(group: BaseExceptionGroup[Exception]) -> Exception:
     first: BaseException = group
     while isinstance(first, BaseExceptionGroup):
         first = first.exceptions[0]
-    return first
+    return cast("Exception", first)
