@@ -43,6 +43,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
@@ -56,6 +57,7 @@ from trio_ws.brokers.cluster_log import (
     ClusterLog,
     HistoryRead,
     HistoryRequest,
+    Resync,
     StallWatch,
     StreamInfo,
 )
@@ -104,6 +106,16 @@ BROKER_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class _Joined:
+    """This process in the cluster, from :meth:`RedisBroker.run` on: each part needs its
+    instance id."""
+
+    member: Member
+    log: ClusterLog
+    membership: Membership
+
+
 class RedisBroker(Broker):
     """Broadcasts through a Redis Stream; see the module docstring.
 
@@ -138,10 +150,7 @@ class RedisBroker(Broker):
         if stall_timeout is None:
             stall_timeout = 2 * command_timeout + BLOCK_MS / 1000
         self._watch = StallWatch(stall_timeout)
-        # Set by run(): they need this process's instance id.
-        self._member: Member | None = None
-        self._log: ClusterLog | None = None
-        self._membership: Membership | None = None
+        self._joined: _Joined | None = None  # from run() on
         self._cluster: ClusterView | None = None
         #: Ends the current session (cancelled on an outage); None between sessions.
         self._session: trio.CancelScope | None = None
@@ -157,7 +166,7 @@ class RedisBroker(Broker):
 
     @property
     def state(self) -> BrokerState:
-        return BrokerState.UP if self._log is None else self._log.state
+        return BrokerState.UP if self._joined is None else self._joined.log.state
 
     def cluster(self) -> ClusterView | None:
         return self._cluster
@@ -165,11 +174,15 @@ class RedisBroker(Broker):
     async def run(
         self, member: Member, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        self._member = member
-        self._log = ClusterLog(
-            member.instance_id, pending_limit=self._pending_limit, skipped_limit=self._stream_maxlen
+        self._joined = _Joined(
+            member,
+            ClusterLog(
+                member.instance_id,
+                pending_limit=self._pending_limit,
+                skipped_limit=self._stream_maxlen,
+            ),
+            Membership(self._prefix, member.instance_id, self._instance_ttl_s),
         )
-        self._membership = Membership(self._prefix, member.instance_id, self._instance_ttl_s)
         await self._run_session(first=True, task_status=task_status)
         delay = RECONNECT_MIN_S
         while True:
@@ -180,7 +193,8 @@ class RedisBroker(Broker):
                 delay = RECONNECT_MIN_S
 
     async def publish(self, message: Outgoing) -> None:
-        log, member = self._require_log(), self._require_member()
+        joined = self._require_joined()
+        log, member = joined.log, joined.member
         while log.publish_must_wait:
             # Backpressure: the sender's reader task waits; Redis is slower than the senders.
             await self._space.park()
@@ -199,7 +213,7 @@ class RedisBroker(Broker):
 
     @property
     def last_id(self) -> str | None:
-        last_id = "0-0" if self._log is None else self._log.last_id
+        last_id = "0-0" if self._joined is None else self._joined.log.last_id
         return None if last_id == "0-0" else last_id
 
     async def history(self, since: str, *, limit: int, max_bytes: int) -> History:
@@ -212,7 +226,7 @@ class RedisBroker(Broker):
         restart), when some did not fit, or when Redis is down.
         """
         self.history_requests += 1
-        if self._require_log().state is BrokerState.DOWN:
+        if self._require_joined().log.state is BrokerState.DOWN:
             return History([], False)
         answer = await self._histories.ask(HistoryRequest(since, limit, max_bytes))
         return History([], False) if answer is None else answer
@@ -224,7 +238,7 @@ class RedisBroker(Broker):
         return True if won is None else won  # None: Redis went down meanwhile
 
     async def leave(self) -> None:
-        membership = self._require_membership()
+        membership = self._require_joined().membership
         membership.leaving = True  # no heartbeat may register this process again
         if self.state is BrokerState.DOWN:
             return  # the entry expires by itself; do not hold the exit for a timeout
@@ -240,9 +254,9 @@ class RedisBroker(Broker):
             )
 
     def health(self) -> dict[str, Any]:
-        if self._log is None:
+        if self._joined is None:
             return {"kind": self.kind, "state": self.state.value, "url": redact_url(self.url)}
-        stats = self._log.statistics()
+        stats = self._joined.log.statistics()
         down_for = None
         if stats.down_since is not None:
             down_for = round(trio.current_time() - stats.down_since, 3)
@@ -314,7 +328,7 @@ class RedisBroker(Broker):
         )
 
     async def _connect(self, client: coredis.Redis[str]) -> None:
-        log = self._require_log()
+        log = self._require_joined().log
         log.start(await self._run_id(client), await self._stream_info(client))
         await self._heartbeat(client)
         LOGGER.info(
@@ -330,50 +344,13 @@ class RedisBroker(Broker):
 
     async def _resync(self, client: coredis.Redis[str]) -> None:
         """After an outage: the log chooses where to replay from and what to send again."""
-        log = self._require_log()
         run_id, stream = await self._run_id(client), await self._stream_info(client)
-        resync = log.on_resync(run_id, stream, trio.current_time())
-        if resync.stream == "gone":
-            LOGGER.warning(
-                "broker: stream %s is gone (Redis restarted without persistence?): reading the "
-                "new one from its start",
-                self.stream,
-            )
-        elif resync.stream == "restored":
-            LOGGER.warning(
-                "broker: stream %s ends at %s, before the last id seen here (%s): Redis was "
-                "restored from an older snapshot; reading on from its end",
-                self.stream,
-                resync.replay_from,
-                resync.last_id_before,
-            )
-        elif resync.stream == "trimmed":
-            LOGGER.warning(
-                "broker: the outage outlasted the replay window: entries after %s were trimmed "
-                "from the stream (TRIO_WS_REDIS_STREAM_MAXLEN); some broadcasts did not reach "
-                "this process's clients",
-                resync.last_id_before,
-            )
-        if resync.restarted is not None:
-            old, new = resync.restarted
-            LOGGER.warning(
-                "broker: Redis restarted (run_id %s -> %s): sending this process's recent "
-                "messages again in case it lost them",
-                old[:8],
-                new[:8],
-            )
-        LOGGER.info(
-            "broker: Redis at %s is back after %.2fs; replaying the stream after %s, "
-            "re-sending %d messages sent here meanwhile",
-            redact_url(self.url),
-            resync.down_for,
-            resync.replay_from,
-            resync.resending,
-        )
+        resync = self._require_joined().log.on_resync(run_id, stream, trio.current_time())
+        _report_resync(resync, redact_url(self.url), self.stream)
 
     async def _serve(self, client: coredis.Redis[str]) -> None:
         """The session's tasks, until one of them fails (then :meth:`_fail` cancels them)."""
-        self._watch.restart(trio.current_time(), self._require_log().own_confirmed)
+        self._watch.restart(trio.current_time(), self._require_joined().log.own_confirmed)
         self._work.set()  # anything queued meanwhile is sent now
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_loop, client)
@@ -391,7 +368,8 @@ class RedisBroker(Broker):
 
     def _go_down(self, condition: str, reason: str) -> None:
         """``condition``: "unreachable" or "stalled"; ``reason``: the error, or the numbers."""
-        log, member = self._require_log(), self._require_member()
+        joined = self._require_joined()
+        log, member = joined.log, joined.member
         went_down = log.state is BrokerState.UP
         flushed = log.on_error(reason, trio.current_time())
         for broadcast in flushed:
@@ -414,7 +392,8 @@ class RedisBroker(Broker):
     # -- the session's tasks -------------------------------------------------------------------
 
     async def _read_loop(self, client: coredis.Redis[str]) -> None:
-        log, member = self._require_log(), self._require_member()
+        joined = self._require_joined()
+        log, member = joined.log, joined.member
         while True:
             try:
                 with trio.fail_after(BLOCK_MS / 1000 + self._command_timeout):
@@ -433,7 +412,7 @@ class RedisBroker(Broker):
             self._space.unpark_all()
 
     async def _publish_loop(self, client: coredis.Redis[str]) -> None:
-        log = self._require_log()
+        log = self._require_joined().log
         while True:
             batch = log.next_batch(BATCH)
             if not batch:
@@ -457,7 +436,7 @@ class RedisBroker(Broker):
             log.batch_sent(batch)
 
     async def _heartbeat_loop(self, client: coredis.Redis[str]) -> None:
-        membership = self._require_membership()
+        membership = self._require_joined().membership
         while True:
             await trio.sleep(self._heartbeat_s)
             if membership.leaving:
@@ -471,7 +450,7 @@ class RedisBroker(Broker):
 
     async def _history_loop(self, client: coredis.Redis[str]) -> None:
         """Answers the history requests that arrived since the last read, with one read."""
-        log = self._require_log()
+        log = self._require_joined().log
         while True:
             requests = await self._histories.take_all()
             try:
@@ -532,7 +511,7 @@ class RedisBroker(Broker):
                     request.give_up()
 
     async def _watchdog(self) -> None:
-        log = self._require_log()
+        log = self._require_joined().log
         while True:
             await trio.sleep(self._watch.stall_timeout / 4)
             stall = self._watch.check(trio.current_time(), log.pending, log.own_confirmed)
@@ -544,21 +523,21 @@ class RedisBroker(Broker):
     # -- commands ------------------------------------------------------------------------------
 
     async def _heartbeat(self, client: coredis.Redis[str]) -> None:
-        connections, draining = self._require_member().local_state()
-        view = await self._require_membership().heartbeat(
+        connections, draining = self._require_joined().member.local_state()
+        view = await self._require_joined().membership.heartbeat(
             client, connections, draining, trio.current_time()
         )
         if view is not None:
             self._cluster = view
 
     async def _claim_periodic(self, slot: int, interval: float, client: coredis.Redis[str]) -> bool:
-        won = await self._require_membership().claim_periodic(client, slot, interval)
+        won = await self._require_joined().membership.claim_periodic(client, slot, interval)
         if won:
             await self._heartbeat(client)  # the periodic message reports a fresh cluster count
         return won
 
     async def _leave(self, client: coredis.Redis[str]) -> bool:
-        await self._require_membership().leave(client)
+        await self._require_joined().membership.leave(client)
         return True
 
     async def _run_id(self, client: coredis.Redis[str]) -> str:
@@ -578,20 +557,52 @@ class RedisBroker(Broker):
             str(info["last-generated-id"]), str(info.get("max-deleted-entry-id") or "0-0")
         )
 
-    def _require_member(self) -> Member:
-        if self._member is None:
+    def _require_joined(self) -> _Joined:
+        if self._joined is None:
             raise RuntimeError("RedisBroker used before run()")
-        return self._member
+        return self._joined
 
-    def _require_log(self) -> ClusterLog:
-        if self._log is None:
-            raise RuntimeError("RedisBroker used before run()")
-        return self._log
 
-    def _require_membership(self) -> Membership:
-        if self._membership is None:
-            raise RuntimeError("RedisBroker used before run()")
-        return self._membership
+def _report_resync(resync: Resync, url: str, stream: str) -> None:
+    """Log what :meth:`ClusterLog.on_resync` decided: one line, plus a warning for each thing
+    that went wrong with the stream meanwhile."""
+    if resync.stream == "gone":
+        LOGGER.warning(
+            "broker: stream %s is gone (Redis restarted without persistence?): reading the "
+            "new one from its start",
+            stream,
+        )
+    elif resync.stream == "restored":
+        LOGGER.warning(
+            "broker: stream %s ends at %s, before the last id seen here (%s): Redis was "
+            "restored from an older snapshot; reading on from its end",
+            stream,
+            resync.replay_from,
+            resync.last_id_before,
+        )
+    elif resync.stream == "trimmed":
+        LOGGER.warning(
+            "broker: the outage outlasted the replay window: entries after %s were trimmed "
+            "from the stream (TRIO_WS_REDIS_STREAM_MAXLEN); some broadcasts did not reach "
+            "this process's clients",
+            resync.last_id_before,
+        )
+    if resync.restarted is not None:
+        old, new = resync.restarted
+        LOGGER.warning(
+            "broker: Redis restarted (run_id %s -> %s): sending this process's recent "
+            "messages again in case it lost them",
+            old[:8],
+            new[:8],
+        )
+    LOGGER.info(
+        "broker: Redis at %s is back after %.2fs; replaying the stream after %s, "
+        "re-sending %d messages sent here meanwhile",
+        url,
+        resync.down_for,
+        resync.replay_from,
+        resync.resending,
+    )
 
 
 def _decode(entry: StreamEntry) -> Entry | None:
