@@ -14,10 +14,11 @@ import trio
 
 from tests.redisutil import RedisServer, redis_server
 from tests.wsutil import wait_until
-from trio_ws.brokers.redis import RedisBroker, decode_entry, encode_entry
+from trio_ws.brokers.entries import decode_entry, encode_entry
+from trio_ws.brokers.redis import RedisBroker
 from trio_ws.core.broker import BrokerState, Outgoing
 from trio_ws.core.health import health_report
-from trio_ws.core.hub import Hub
+from trio_ws.core.hub import RESUME_BUDGET_BYTES, Hub
 from trio_ws.core.registry import Connection
 from trio_ws.settings import Settings, redact_url
 
@@ -34,13 +35,15 @@ def make_hub(redis: RedisServer, name: str, **broker_options: Any) -> Hub:
     return Hub(settings, broker=broker, instance_id=name)
 
 
+def queued_frames(connection: Connection) -> list[dict[str, Any]]:
+    """Every frame queued for ``connection`` since the last call (the one place that reads a
+    connection's outbox)."""
+    return [json.loads(frame.text) for frame in connection.outbox.take_queued()]
+
+
 def received(connection: Connection) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for queued in connection.outbox.take_queued():
-        frame = json.loads(queued.text)
-        if frame["type"] in ("message", "periodic"):
-            out.append(frame)
-    return out
+    """The broadcasts queued for ``connection`` since the last call."""
+    return [f for f in queued_frames(connection) if f["type"] in ("message", "periodic")]
 
 
 def test_entries_round_trip_and_urls_hide_passwords() -> None:
@@ -216,7 +219,7 @@ async def test_the_cluster_count_includes_this_process_as_of_now(redis: RedisSer
         conn = this.connect("t", "p")
         # No heartbeat since: its own client counts at once, in the welcome too.
         assert this.cluster_connections() == 2
-        assert json.loads(conn.outbox.take_queued()[0].text)["active_connections"] == 2
+        assert queued_frames(conn)[0]["active_connections"] == 2
         assert health_report(this)["cluster"]["connections"] == 2
         nursery.cancel_scope.cancel()
 
@@ -243,9 +246,183 @@ async def test_resuming_after_a_redis_restart_replays_no_copies(redis: RedisServ
         back = hub.connect("back", "p", resuming=True)
         await hub.resume(back, since)
         await trio.sleep(0.3)
-        frames = [json.loads(frame.text) for frame in back.take_queued()]
+        frames = queued_frames(back)
         # Nothing missed, nothing replayed; and since Redis lost the entry it resumed from,
         # the client is told it cannot be sure.
         assert frames[0]["resumed"] == {"since": since, "replayed": 0, "complete": False}
         assert frames[1:] == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_histories_cancelled_mid_read_never_wedge_the_broker(redis: RedisServer) -> None:
+    """A reconnect storm: many clients resume and drop their connection while their history is
+    being read. However often that happens, broadcasts must keep flowing."""
+    hub = make_hub(redis, "solo")
+    watcher = hub.connect("watcher", "p")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        for i in range(2000):  # enough history that each read takes a while
+            await hub.publish("watcher", f"old {i}")
+        await wait_until(lambda: health_report(hub)["broker"]["pending"] == 0, timeout=10)
+        since = received(watcher)[0]["id"]
+
+        async def resume_then_drop(index: int, deadline: float) -> bool:
+            connection = hub.connect(f"storm-{index}", "p", resuming=True)
+            try:
+                with trio.move_on_after(deadline) as scope:
+                    await hub.resume(connection, since)
+                return scope.cancelled_caught
+            finally:
+                hub.disconnect(connection)
+
+        cancelled = 0
+        rounds = 0
+        with trio.move_on_after(30):
+            while cancelled < 2000:
+                rounds += 1
+                outcomes: list[bool] = []
+
+                async def one(index: int, outcomes: list[bool] = outcomes) -> None:
+                    # Spread over the life of a read: while connecting, sending, waiting.
+                    outcomes.append(await resume_then_drop(index, (index % 20) * 0.0005))
+
+                async with trio.open_nursery() as storm:
+                    for index in range(100):
+                        storm.start_soon(one, index)
+                cancelled += sum(outcomes)
+        assert cancelled >= 200, f"only {cancelled} reads were cancelled in {rounds} rounds"
+
+        await hub.publish("watcher", "still alive?")
+        got: list[str] = []
+
+        def arrived() -> bool:
+            got.extend(frame["text"] for frame in received(watcher))
+            return "still alive?" in got
+
+        try:
+            await wait_until(arrived, timeout=5)
+        except trio.TooSlowError:
+            pytest.fail(
+                f"the broker wedged after {cancelled} cancelled history reads "
+                f"({rounds} rounds): {hub.broker.health()}"
+            )
+        nursery.cancel_scope.cancel()
+
+
+async def test_resumes_that_arrive_together_cost_one_read(redis: RedisServer) -> None:
+    hub = make_hub(redis, "solo")
+    watcher = hub.connect("watcher", "p")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        for i in range(20):
+            await hub.publish("watcher", f"m{i}")
+        await wait_until(lambda: health_report(hub)["broker"]["pending"] == 0)
+        since = received(watcher)[9]["id"]
+        reads_before = health_report(hub)["broker"]["history_reads"]
+        welcomes: list[dict[str, Any]] = []
+
+        async def resume(index: int) -> None:
+            connection = hub.connect(f"back-{index}", "p", resuming=True)
+            await hub.resume(connection, since)
+            welcomes.append(queued_frames(connection)[0])
+
+        async with trio.open_nursery() as storm:
+            for index in range(200):
+                storm.start_soon(resume, index)
+        assert health_report(hub)["broker"]["history_reads"] - reads_before <= 2
+        assert [w["resumed"] for w in welcomes] == [
+            {"since": since, "replayed": 10, "complete": True}
+        ] * 200
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_resume_replays_the_newest_broadcasts_that_fit_in_its_budget(
+    redis: RedisServer,
+) -> None:
+    hub = make_hub(redis, "solo")
+    watcher = hub.connect("watcher", "p")
+    big = "x" * (RESUME_BUDGET_BYTES // 8)  # about 8 fit
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        await hub.publish("watcher", "small")
+        for i in range(12):
+            await hub.publish("watcher", f"{i:02d}{big}")
+        await wait_until(lambda: health_report(hub)["broker"]["pending"] == 0)
+        since = received(watcher)[0]["id"]
+        back = hub.connect("back", "p", resuming=True)
+        await hub.resume(back, since)
+        welcome, *replayed = queued_frames(back)
+        assert welcome["resumed"]["complete"] is False
+        assert [frame["text"][:2] for frame in replayed] == [
+            "05",
+            "06",
+            "07",
+            "08",
+            "09",
+            "10",
+            "11",
+        ]
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_heartbeat_registers_a_process_again_after_it_left(redis: RedisServer) -> None:
+    hub = make_hub(redis, "leaver", heartbeat_s=0.05)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        admin = coredis.Redis.from_url(redis.url, decode_responses=True)
+        async with admin:
+            assert await admin.exists(["trio_ws:instance:leaver"]) == 1
+            await hub.broker.leave()
+            await trio.sleep(0.3)  # six heartbeat periods
+            assert await admin.exists(["trio_ws:instance:leaver"]) == 0
+            assert "leaver" not in await admin.smembers("trio_ws:instances")
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stalled_broker_is_noticed_by_the_watchdog_then_delivers_once(
+    redis: RedisServer,
+) -> None:
+    """SIGSTOP, with a command timeout far longer than the test: only the watchdog can notice.
+    What was published meanwhile reaches this process's clients at once, and the other
+    process's once Redis is back; each once."""
+    stall = 1.5
+    options = {"command_timeout": 60.0, "stall_timeout": stall}
+    sender, other = make_hub(redis, "sender", **options), make_hub(redis, "other", **options)
+    here, there = sender.connect("here", "p"), other.connect("there", "p")
+    async with trio.open_nursery() as nursery:
+        for hub in (sender, other):
+            await nursery.start(hub.run)
+        await sender.publish("here", "before")
+        await wait_until(lambda: len(received(there)) == 1)
+        assert redis.process is not None
+        redis.process.send_signal(signal.SIGSTOP)
+        try:
+            frozen_at = trio.current_time()
+            for i in range(3):
+                await sender.publish("here", f"frozen {i}")
+            await wait_until(lambda: sender.broker.state is BrokerState.DOWN, timeout=10)
+            # The stall bound, plus one look of the watchdog (a quarter of it) and some slack.
+            assert trio.current_time() - frozen_at < stall * 1.25 + 1
+            assert sender.not_ready_reason() == "broker unavailable"
+            assert health_report(sender)["broker"]["stalls"] == 1
+            await wait_until(lambda: other.broker.state is BrokerState.DOWN, timeout=10)
+        finally:
+            redis.process.send_signal(signal.SIGCONT)
+        await wait_until(
+            lambda: all(hub.broker.state is BrokerState.UP for hub in (sender, other)), timeout=15
+        )
+        frames: dict[str, list[dict[str, Any]]] = {"here": received(here), "there": []}
+
+        def all_arrived() -> bool:
+            frames["there"].extend(received(there))
+            return len(frames["there"]) >= 3
+
+        await wait_until(all_arrived, timeout=10)
+        await trio.sleep(0.5)  # time for a copy to show up, if one were delivered
+        frames["here"].extend(received(here))
+        frames["there"].extend(received(there))
+        frozen = [f"frozen {i}" for i in range(3)]
+        assert [f["text"] for f in frames["here"]] == ["before", *frozen]
+        assert all(f["id"] is None for f in frames["here"][1:])
+        assert [f["text"] for f in frames["there"]] == frozen
         nursery.cancel_scope.cancel()

@@ -202,7 +202,10 @@ async def test_hypercorn_two_workers_warn_and_both_drain() -> None:
             assert (await next_frame(client))["text"] == "still served"
             await client.aclose()
         assert await server.wait_exit(timeout=10) == 0
-    assert server.count(rf"\[{busy_pid}\] .*drain finished \(drained\) in .*: 1 connection at start") == 1
+    assert (
+        server.count(rf"\[{busy_pid}\] .*drain finished \(drained\) in .*: 1 connection at start")
+        == 1
+    )
 
 
 async def test_hypercorn_invalid_configuration_is_a_clear_error() -> None:

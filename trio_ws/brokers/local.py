@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trio_ws.core.broker import Broadcast, Broker, History, Member, Outgoing
+from trio_ws.core.broker import Broadcast, Broker, History, HistoryBudget, Member, Outgoing
 from trio_ws.core.protocol import parse_message_id
 
 if TYPE_CHECKING:
@@ -61,15 +61,20 @@ class LocalBroker(Broker):
     def last_id(self) -> str | None:
         return self._history[-1][1].id if self._history else None
 
-    async def history(self, since: str, limit: int) -> History:
+    async def history(self, since: str, *, limit: int, max_bytes: int) -> History:
         key = parse_message_id(since)
+        budget = HistoryBudget(limit, max_bytes)
         newer: list[Broadcast] = []
+        complete = key >= self._floor
         for entry_key, broadcast in reversed(self._history):
             if entry_key <= key:
                 break
+            if not budget.take(broadcast.message):
+                complete = False
+                break
             newer.append(broadcast)
-        complete = key >= self._floor and len(newer) <= limit
-        return History(newer[:limit][::-1], complete)
+        newer.reverse()
+        return History(newer, complete)
 
     async def run(
         self, member: Member, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

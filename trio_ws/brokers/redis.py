@@ -16,29 +16,33 @@ Theory of operation:
   an outage (because its first ``XADD`` may or may not have landed) is delivered once.
 * **Outage**: on the first error the broker is *down*: every pending message not yet delivered
   here is delivered to this process's clients at once (id ``None``), and so is every message
-  published until Redis answers again; clients of each process keep talking. The reader retries
+  published until Redis answers again; clients of each process keep talking. The broker retries
   with backoff; once Redis answers it replays the stream from its last id (what others sent
   meanwhile), and the publisher re-sends everything pending (what this process sent meanwhile),
   which the other processes then deliver and this one skips.
-* **Cluster**: every ``HEARTBEAT_S`` each process writes its connection count to a key that
-  expires after ``INSTANCE_TTL_S`` (a crashed process drops out), and reads the others'. The
-  periodic message of each interval is sent by whichever process first claims its slot with
-  ``SET NX``.
+* **Cluster**: :mod:`trio_ws.brokers.membership` (heartbeat, cluster view, periodic claim).
+
+The decisions (what to deliver, skip, send again, replay) are
+:mod:`trio_ws.brokers.cluster_log`'s, which does no I/O; this module does the I/O and tells the
+log what happened.
+
+Never wedged: only the broker's own tasks run Redis commands (a resuming client's history is
+asked for through a :class:`~trio_ws.brokers.mailbox.Mailbox`, so no handler's cancellation
+reaches coredis); every command has a deadline; and an outage ends the *session*: the coredis
+client and its connection pool are thrown away, and the next session starts with new ones, so
+nothing a cancelled or timed-out command left behind in the pool carries over. A watchdog
+(:class:`~trio_ws.brokers.cluster_log.StallWatch`) ends a session that is up but no longer
+moving, whatever the reason.
 
 No coredis retry policy and no coredis Pub/Sub: every command fails fast and this module owns
-the reconnect (see ``shared/notes/redis.md`` on coredis's Pub/Sub reconnect ending silently).
+the reconnect (coredis's Pub/Sub reconnect can end silently).
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import json
+import functools
 import logging
-import math
-import os
 import random
-import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -49,8 +53,18 @@ import trio
 from coredis.retry import NoRetryPolicy
 from coredis.tokens import PureToken
 
+from trio_ws.brokers.cluster_log import (
+    ClusterLog,
+    HistoryRead,
+    HistoryRequest,
+    Resync,
+    StallWatch,
+    StreamInfo,
+)
+from trio_ws.brokers.entries import Entry, decode_entry, encode_entry
+from trio_ws.brokers.mailbox import Mailbox
+from trio_ws.brokers.membership import Membership
 from trio_ws.core.broker import (
-    Broadcast,
     Broker,
     BrokerState,
     BrokerUnavailableError,
@@ -59,15 +73,19 @@ from trio_ws.core.broker import (
     Member,
     Outgoing,
 )
-from trio_ws.core.protocol import parse_message_id
 from trio_ws.settings import redact_url
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+    from coredis.response.types import StreamEntry
+
+    #: A command a caller asks the broker to run: given the client, it answers True or False.
+    Command = Callable[[coredis.Redis[str]], Awaitable[bool]]
 
 LOGGER = logging.getLogger(__name__)
 
-#: How long ``XREAD`` blocks on the server; a command may take this plus ``COMMAND_TIMEOUT_S``.
+#: How long ``XREAD`` blocks on the server; a read may take this plus ``COMMAND_TIMEOUT_S``.
 BLOCK_MS = 1000
 #: Most entries one ``XREAD`` returns, and most ``XADD`` in one pipeline.
 BATCH = 500
@@ -77,14 +95,9 @@ HEARTBEAT_S = 2.0
 INSTANCE_TTL_S = 10.0
 RECONNECT_MIN_S = 0.05
 RECONNECT_MAX_S = 2.0
-#: Own messages kept after they were seen in the stream, to send again if Redis restarts
-#: (and may have lost entries that other processes had not read yet).
-RECENT_LIMIT = 1000
-#: Origins remembered for de-duplication; each process start is a new origin.
-SEEN_ORIGINS_LIMIT = 10_000
 
 #: Everything that means "Redis did not answer as it should": the broker goes down and retries.
-BROKER_ERRORS: tuple[type[BaseException], ...] = (
+BROKER_ERRORS: tuple[type[Exception], ...] = (
     coredis.exceptions.RedisError,
     OSError,
     anyio.ClosedResourceError,
@@ -93,43 +106,22 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-@dataclass(slots=True)
-class _Pending:
-    seq: int
-    message: Outgoing
-    #: Already delivered to this process's clients (published or flushed during an outage).
-    delivered: bool = False
+@dataclass(frozen=True, slots=True)
+class _Joined:
+    """This process in the cluster, from :meth:`RedisBroker.run` on: each part needs its
+    instance id."""
 
-
-def encode_entry(origin: str, seq: int, message: Outgoing) -> dict[str, str]:
-    """The stream entry's fields (short names: every entry is read by every process)."""
-    fields = {"o": origin, "q": str(seq), "k": message.kind, "ts": repr(message.ts)}
-    if message.kind == "message":
-        fields["f"] = message.sender
-        fields["t"] = message.text
-    else:
-        fields["n"] = str(message.active_connections)
-    return fields
-
-
-def decode_entry(fields: Mapping[str, str]) -> tuple[str, int, Outgoing]:
-    """``(origin, seq, message)`` from an entry's fields.
-
-    Errors: :class:`ValueError` or :class:`KeyError` for an entry trio_ws did not write.
-    """
-    kind = fields["k"]
-    ts = float(fields["ts"])
-    if kind == "message":
-        message = Outgoing("message", ts, sender=fields["f"], text=fields["t"])
-    elif kind == "periodic":
-        message = Outgoing("periodic", ts, active_connections=int(fields["n"]))
-    else:
-        raise ValueError(f"unknown kind {kind!r}")
-    return fields["o"], int(fields["q"]), message
+    member: Member
+    log: ClusterLog
+    membership: Membership
 
 
 class RedisBroker(Broker):
-    """Broadcasts through a Redis Stream; see the module docstring."""
+    """Broadcasts through a Redis Stream; see the module docstring.
+
+    ``stall_timeout`` (default: twice the command timeout plus the read's block time) is how
+    long the broker may be up without moving before the watchdog calls it an outage.
+    """
 
     kind = "redis"
 
@@ -144,62 +136,37 @@ class RedisBroker(Broker):
         command_timeout: float = COMMAND_TIMEOUT_S,
         heartbeat_s: float = HEARTBEAT_S,
         instance_ttl_s: float = INSTANCE_TTL_S,
+        stall_timeout: float | None = None,
     ) -> None:
         self.url = url
-        self._heartbeat_s = heartbeat_s
-        self._instance_ttl_s = instance_ttl_s
-        self._connect_timeout = connect_timeout
-        self._client: coredis.Redis[str] = coredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            retry_policy=NoRetryPolicy(),
-            connect_timeout=connect_timeout,
-            stream_timeout=BLOCK_MS / 1000 + command_timeout,
-        )
         self.stream = f"{prefix}:broadcasts"
-        self._instances_key = f"{prefix}:instances"
-        self._instance_prefix = f"{prefix}:instance:"
-        self._periodic_prefix = f"{prefix}:periodic:"
+        self._prefix = prefix
         self._stream_maxlen = stream_maxlen
         self._pending_limit = pending_limit
-        self._member: Member | None = None
-
-        self._state = BrokerState.UP
-        self._up = trio.Event()
-        self._up.set()
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._heartbeat_s = heartbeat_s
+        self._instance_ttl_s = instance_ttl_s
+        if stall_timeout is None:
+            stall_timeout = 2 * command_timeout + BLOCK_MS / 1000
+        self._watch = StallWatch(stall_timeout)
+        self._joined: _Joined | None = None  # from run() on
+        self._cluster: ClusterView | None = None
+        #: Ends the current session (cancelled on an outage); None between sessions.
+        self._session: trio.CancelScope | None = None
         self._work = trio.Event()
         self._space = trio.lowlevel.ParkingLot()
-        self._seq = 0
-        self._pending: collections.deque[_Pending] = collections.deque()
-        self._unsent: collections.deque[_Pending] = collections.deque()
-        self._own_confirmed = 0
-        #: Our latest messages confirmed in the stream, sent again if Redis restarts.
-        self._recent: collections.deque[_Pending] = collections.deque(maxlen=RECENT_LIMIT)
-        self._redis_run_id = ""
-        self._seen: dict[str, int] = {}
-        #: Stream ids of the copies the reader skipped (bounded), kept out of histories too.
-        self._skipped: set[str] = set()
-        self._skipped_order: collections.deque[str] = collections.deque()
-        self._last_id = "0-0"
-        self._cluster: ClusterView | None = None
-
-        # For /health and the logs.
-        self._down_since: float | None = None
-        self._last_error = ""
-        self.outages = 0
-        self.duplicates_skipped = 0
-        self.delivered_in_outage = 0
-        self.dropped_in_outage = 0
-        self.resent = 0
-        self.replayed = 0
-        self._replaying = False
-        self._leaving = False
+        self._histories: Mailbox[HistoryRequest, History] = Mailbox()
+        self._commands: Mailbox[Command, bool] = Mailbox()
+        self.history_requests = 0
+        self.history_reads = 0
+        self.stalls = 0
 
     # -- the Broker interface ------------------------------------------------------------------
 
     @property
     def state(self) -> BrokerState:
-        return self._state
+        return BrokerState.UP if self._joined is None else self._joined.log.state
 
     def cluster(self) -> ClusterView | None:
         return self._cluster
@@ -207,461 +174,458 @@ class RedisBroker(Broker):
     async def run(
         self, member: Member, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        self._member = member
-        started = False
-        try:
-            # coredis's client runs a task group: whatever leaves this block is a group.
-            async with self._client:
-                await self._connect()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read_loop)
-                    nursery.start_soon(self._publish_loop)
-                    nursery.start_soon(self._heartbeat_loop)
-                    started = True
-                    task_status.started()
-        except BaseExceptionGroup as group:
-            unavailable, _ = group.split(BrokerUnavailableError)
-            if unavailable is not None and not started:
-                raise _first_leaf(unavailable) from None
-            _, rest = group.split(BROKER_ERRORS)
-            if rest is not None:
-                raise  # cancellation, or a bug
-            # The client failed on its way out (Redis gone at shutdown), or underneath the
-            # running tasks: either way no broker is left; say so rather than seem up.
-            LOGGER.warning("broker: the Redis client stopped: %s", _describe(_first_leaf(group)))
-            self._mark_down(_first_leaf(group))
+        self._joined = _Joined(
+            member,
+            ClusterLog(
+                member.instance_id,
+                pending_limit=self._pending_limit,
+                skipped_limit=self._stream_maxlen,
+            ),
+            Membership(self._prefix, member.instance_id, self._instance_ttl_s),
+        )
+        await self._run_session(first=True, task_status=task_status)
+        delay = RECONNECT_MIN_S
+        while True:
+            # Equal jitter: instances restarted together do not reconnect in lockstep.
+            await trio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, RECONNECT_MAX_S)
+            if await self._run_session(first=False):
+                delay = RECONNECT_MIN_S
 
-    async def _connect(self) -> None:
-        member = self._require_member()
-        try:
-            with trio.fail_after(self._connect_timeout):
-                self._redis_run_id = await self._run_id()
-                self._last_id = await self._stream_end()
-                await self._heartbeat()
-        except BROKER_ERRORS as error:
+    async def publish(self, message: Outgoing) -> None:
+        joined = self._require_joined()
+        log, member = joined.log, joined.member
+        while log.publish_must_wait:
+            # Backpressure: the sender's reader task waits; Redis is slower than the senders.
+            await self._space.park()
+        dropped_before = log.statistics().dropped_during_outages
+        for broadcast in log.publish(message):
+            member.deliver(broadcast)
+        dropped = log.statistics().dropped_during_outages
+        if dropped > dropped_before and (dropped == 1 or dropped % 1000 == 0):
+            LOGGER.warning(
+                "broker: %d messages sent during the outage will not reach other processes "
+                "(more than %d waiting for Redis)",
+                dropped,
+                self._pending_limit,
+            )
+        self._work.set()
+
+    @property
+    def last_id(self) -> str | None:
+        last_id = "0-0" if self._joined is None else self._joined.log.last_id
+        return None if last_id == "0-0" else last_id
+
+    async def history(self, since: str, *, limit: int, max_bytes: int) -> History:
+        """From the stream, up to what the reader has delivered here (what comes later reaches
+        the client live), without the copies that the reader skipped as duplicates.
+
+        The broker's history task reads it, together with the other requests that arrived
+        meanwhile; the caller only waits (and may be cancelled). ``complete`` is False when
+        the entry ``since`` names is no longer in the stream (trimmed, or lost in a Redis
+        restart), when some did not fit, or when Redis is down.
+        """
+        self.history_requests += 1
+        if self._require_joined().log.state is BrokerState.DOWN:
+            return History([], False)
+        answer = await self._histories.ask(HistoryRequest(since, limit, max_bytes))
+        return History([], False) if answer is None else answer
+
+    async def claim_periodic(self, slot: int, interval: float) -> bool:
+        if self.state is BrokerState.DOWN:
+            return True  # each process keeps its own clients informed during an outage
+        won = await self._commands.ask(functools.partial(self._claim_periodic, slot, interval))
+        return True if won is None else won  # None: Redis went down meanwhile
+
+    async def leave(self) -> None:
+        membership = self._require_joined().membership
+        membership.leaving = True  # no heartbeat may register this process again
+        if self.state is BrokerState.DOWN:
+            return  # the entry expires by itself; do not hold the exit for a timeout
+        left = None
+        with trio.move_on_after(self._command_timeout, shield=True):
+            left = await self._commands.ask(self._leave)
+        if left:
+            LOGGER.info("broker: instance %s left the cluster", membership.instance_id)
+        else:
+            LOGGER.info(
+                "broker: could not leave the cluster; the entry expires in %gs",
+                self._instance_ttl_s,
+            )
+
+    def health(self) -> dict[str, Any]:
+        if self._joined is None:
+            return {"kind": self.kind, "state": self.state.value, "url": redact_url(self.url)}
+        stats = self._joined.log.statistics()
+        down_for = None
+        if stats.down_since is not None:
+            down_for = round(trio.current_time() - stats.down_since, 3)
+        return {
+            "kind": self.kind,
+            "state": stats.state.value,
+            "url": redact_url(self.url),
+            "stream": self.stream,
+            "last_id": stats.last_id,
+            "pending": stats.pending,
+            "outages": stats.outages,
+            "down_for_s": down_for,
+            "last_error": stats.last_error or None,
+            "delivered_during_outages": stats.delivered_during_outages,
+            "dropped_during_outages": stats.dropped_during_outages,
+            "resent_after_outages": stats.resent_after_outages,
+            "replayed_after_outages": stats.replayed_after_outages,
+            "duplicates_skipped": stats.duplicates_skipped,
+            "stalls": self.stalls,
+            "history_requests": self.history_requests,
+            "history_reads": self.history_reads,
+        }
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    async def _run_session(
+        self, *, first: bool, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> bool:
+        """One coredis client, from connecting to its first error (or the watchdog's verdict).
+
+        ``first``: at startup, connect (or raise :class:`BrokerUnavailableError`); afterwards,
+        resync. Returns whether Redis answered.
+        """
+        client = self._new_client()
+        connected = False
+        failure: Exception | None = None
+        with trio.CancelScope() as self._session:
+            try:
+                # coredis's client runs a task group: whatever leaves this block is a group.
+                async with client:
+                    with trio.fail_after(self._connect_timeout):
+                        await (self._connect(client) if first else self._resync(client))
+                    connected = True
+                    task_status.started()
+                    await self._serve(client)
+            except* BROKER_ERRORS as errors:
+                failure = _first_leaf(errors)
+        ended_here = self._session.cancel_called  # by _fail, which reported the outage
+        self._session = None
+        # Nobody is left to answer these; and nothing more will be asked before the next
+        # session, since the broker is down (or shutting down).
+        self._histories.give_up()
+        self._commands.give_up()
+        if failure is not None and first and not connected:
             raise BrokerUnavailableError(
-                f"cannot reach Redis at {redact_url(self.url)}: {_describe(error)}"
+                f"cannot reach Redis at {redact_url(self.url)}: {_describe(failure)}"
             ) from None
+        if failure is not None and not ended_here:
+            self._go_down("unreachable", _describe(failure))
+        return connected
+
+    def _new_client(self) -> coredis.Redis[str]:
+        return coredis.Redis.from_url(
+            self.url,
+            decode_responses=True,
+            retry_policy=NoRetryPolicy(),
+            connect_timeout=self._connect_timeout,
+            stream_timeout=BLOCK_MS / 1000 + self._command_timeout,
+        )
+
+    async def _connect(self, client: coredis.Redis[str]) -> None:
+        log = self._require_joined().log
+        log.start(await self._run_id(client), await self._stream_info(client))
+        await self._heartbeat(client)
         LOGGER.info(
             "broker: Redis at %s, stream %s from id %s, instance %s; cluster: %d instances, "
             "%d connections",
             redact_url(self.url),
             self.stream,
-            self._last_id,
-            member.instance_id,
+            log.last_id,
+            log.origin,
             self._cluster.instances if self._cluster else 0,
             self._cluster.connections if self._cluster else 0,
         )
 
-    async def publish(self, message: Outgoing) -> None:
-        member = self._require_member()
-        while self._state is BrokerState.UP and len(self._pending) >= self._pending_limit:
-            # Backpressure: the sender's reader task waits; Redis is slower than the senders.
-            await self._space.park()
-        if self._state is BrokerState.DOWN and message.kind == "periodic":
-            # Each process informs its own clients during an outage; sent to the cluster
-            # afterwards, these would arrive as a burst of stale counts.
-            member.deliver(Broadcast(None, message))
+    async def _resync(self, client: coredis.Redis[str]) -> None:
+        """After an outage: the log chooses where to replay from and what to send again."""
+        run_id, stream = await self._run_id(client), await self._stream_info(client)
+        resync = self._require_joined().log.on_resync(run_id, stream, trio.current_time())
+        _report_resync(resync, redact_url(self.url), self.stream)
+
+    async def _serve(self, client: coredis.Redis[str]) -> None:
+        """The session's tasks, until one of them fails (then :meth:`_fail` cancels them)."""
+        self._watch.restart(trio.current_time(), self._require_joined().log.own_confirmed)
+        self._work.set()  # anything queued meanwhile is sent now
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_loop, client)
+            nursery.start_soon(self._publish_loop, client)
+            nursery.start_soon(self._heartbeat_loop, client)
+            nursery.start_soon(self._history_loop, client)
+            nursery.start_soon(self._command_loop, client)
+            nursery.start_soon(self._watchdog)
+
+    def _fail(self, condition: str, reason: str) -> None:
+        """End the session: an outage until the next one resyncs."""
+        self._go_down(condition, reason)
+        if self._session is not None:
+            self._session.cancel()
+
+    def _go_down(self, condition: str, reason: str) -> None:
+        """``condition``: "unreachable" or "stalled"; ``reason``: the error, or the numbers."""
+        joined = self._require_joined()
+        log, member = joined.log, joined.member
+        went_down = log.state is BrokerState.UP
+        flushed = log.on_error(reason, trio.current_time())
+        for broadcast in flushed:
+            member.deliver(broadcast)
+        if not went_down:
             return
-        self._seq += 1
-        pending = _Pending(self._seq, message)
-        if self._state is BrokerState.DOWN:
-            pending.delivered = True
-            self.delivered_in_outage += 1
-            member.deliver(Broadcast(None, message))
-            if len(self._pending) >= self._pending_limit:
-                dropped = self._pending.popleft()
-                with contextlib.suppress(ValueError):
-                    self._unsent.remove(dropped)
-                self.dropped_in_outage += 1
-                if self.dropped_in_outage == 1 or self.dropped_in_outage % 1000 == 0:
-                    LOGGER.warning(
-                        "broker: %d messages sent during the outage will not reach other "
-                        "processes (more than %d waiting for Redis)",
-                        self.dropped_in_outage,
-                        self._pending_limit,
-                    )
-        self._pending.append(pending)
-        self._unsent.append(pending)
-        self._work.set()
-
-    @property
-    def last_id(self) -> str | None:
-        return None if self._last_id == "0-0" else self._last_id
-
-    async def history(self, since: str, limit: int) -> History:
-        """From the stream, up to what the reader has delivered here (what comes later reaches
-        the client live), without the copies that the reader skipped as duplicates.
-
-        ``complete`` is False when the entry ``since`` names is no longer in the stream
-        (trimmed, or lost in a Redis restart), or there is more than ``limit``.
-        """
-        if self._state is BrokerState.DOWN:
-            return History([], False)
-        until = self._last_id
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                entries_request = pipe.xrevrange(self.stream, until, "(" + since, count=limit + 1)
-                anchor_request = pipe.xrange(self.stream, since, since, count=1)
-            entries, anchor = await entries_request, await anchor_request
-        except BROKER_ERRORS as error:
-            LOGGER.info("broker: could not read history after %s: %s", since, _describe(error))
-            return History([], False)
-        if parse_message_id(until) <= parse_message_id(since):
-            entries = ()  # the reader has not passed ``since``: everything after it comes live
-        complete = bool(anchor) and len(entries) <= limit
-        seen: set[tuple[str, int]] = set()
-        out: list[Broadcast] = []
-        for entry in reversed(entries[:limit]):
-            entry_id = str(entry.identifier)
-            if entry_id in self._skipped:
-                continue
-            try:
-                origin, seq, message = decode_entry(cast("Mapping[str, str]", entry.field_values))
-            except (KeyError, ValueError):
-                continue
-            if (origin, seq) not in seen:
-                seen.add((origin, seq))
-                out.append(Broadcast(entry_id, message))
-        return History(out, complete)
-
-    async def claim_periodic(self, slot: int, interval: float) -> bool:
-        if self._state is BrokerState.DOWN:
-            return True  # each process keeps its own clients informed during an outage
-        try:
-            won = await self._client.set(
-                f"{self._periodic_prefix}{slot}",
-                self._require_member().instance_id,
-                condition=PureToken.NX,
-                px=max(1000, math.ceil(interval * 3000)),
-            )
-            if won:
-                await self._heartbeat()  # the periodic message reports a fresh cluster count
-        except BROKER_ERRORS as error:
-            self._mark_down(error)
-            return True
-        return bool(won)
-
-    async def leave(self) -> None:
-        member = self._require_member()
-        self._leaving = True  # no heartbeat may register this process again
-        if self._state is BrokerState.DOWN:
-            return  # the entry expires by itself; do not hold the exit for a timeout
-        with trio.move_on_after(COMMAND_TIMEOUT_S, shield=True):
-            try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    pipe.delete([self._instance_prefix + member.instance_id])
-                    pipe.srem(self._instances_key, [member.instance_id])
-                LOGGER.info("broker: instance %s left the cluster", member.instance_id)
-            except BROKER_ERRORS as error:
-                LOGGER.info(
-                    "broker: could not leave the cluster (%s); the entry expires in %gs",
-                    _describe(error),
-                    self._instance_ttl_s,
-                )
-
-    def health(self) -> dict[str, Any]:
-        report: dict[str, Any] = {
-            "kind": self.kind,
-            "state": self._state.value,
-            "url": redact_url(self.url),
-            "stream": self.stream,
-            "last_id": self._last_id,
-            "pending": len(self._pending),
-            "outages": self.outages,
-            "down_for_s": None,
-            "last_error": self._last_error or None,
-            "delivered_during_outages": self.delivered_in_outage,
-            "dropped_during_outages": self.dropped_in_outage,
-            "resent_after_outages": self.resent,
-            "replayed_after_outages": self.replayed,
-            "duplicates_skipped": self.duplicates_skipped,
-        }
-        if self._down_since is not None:
-            report["down_for_s"] = round(trio.current_time() - self._down_since, 3)
-        return report
-
-    # -- state changes -------------------------------------------------------------------------
-
-    def _mark_down(self, error: BaseException) -> None:
-        self._last_error = _describe(error)
-        if self._state is BrokerState.DOWN:
-            return
-        self._state = BrokerState.DOWN
-        self._up = trio.Event()
-        self._down_since = trio.current_time()
-        self.outages += 1
-        member = self._require_member()
-        flushed = 0
-        for pending in self._pending:
-            if not pending.delivered:
-                pending.delivered = True
-                flushed += 1
-                member.deliver(Broadcast(None, pending.message))
-        self.delivered_in_outage += flushed
-        # Any of them may or may not have reached the stream: send them all again, readers
-        # skip what they already have.
-        # Recent messages queued again after a Redis restart (older than anything pending)
-        # stay queued: a second error before they were sent must not drop them.
-        self._unsent = collections.deque(
-            [*(p for p in self._unsent if p.seq <= self._own_confirmed), *self._pending]
-        )
         self._space.unpark_all()  # waiting senders now deliver locally
         LOGGER.warning(
-            "broker: Redis at %s unreachable (%s): broadcasts reach this process's clients "
-            "only until it is back; %d messages in flight delivered here now; reconnecting",
+            "broker: Redis at %s %s (%s): broadcasts reach this process's clients only until "
+            "it is back; %d messages in flight delivered here now; reconnecting with a new client",
             redact_url(self.url),
-            self._last_error,
-            flushed,
+            condition,
+            reason,
+            len(flushed),
         )
 
-    def _mark_up(self, replay_from: str) -> None:
-        if self._state is BrokerState.UP:
-            return
-        down_for = trio.current_time() - (self._down_since or trio.current_time())
-        self._state = BrokerState.UP
-        self._down_since = None
-        self._replaying = True
-        self.resent += len(self._unsent)
-        LOGGER.info(
-            "broker: Redis at %s is back after %.2fs; replaying the stream after %s, "
-            "re-sending %d messages sent here meanwhile",
-            redact_url(self.url),
-            down_for,
-            replay_from,
-            len(self._unsent),
-        )
-        self._up.set()
-        self._work.set()
+    def _command_failed(self, error: Exception) -> None:
+        self._fail("unreachable", _describe(error))
 
-    # -- the tasks -----------------------------------------------------------------------------
+    # -- the session's tasks -------------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        delay = RECONNECT_MIN_S
+    async def _read_loop(self, client: coredis.Redis[str]) -> None:
+        joined = self._require_joined()
+        log, member = joined.log, joined.member
         while True:
             try:
-                if self._state is BrokerState.DOWN:
-                    await self._resync()
-                response = await self._client.xread(
-                    {self.stream: self._last_id}, count=BATCH, block=BLOCK_MS
-                )
+                with trio.fail_after(BLOCK_MS / 1000 + self._command_timeout):
+                    response = await client.xread(
+                        {self.stream: log.last_id}, count=BATCH, block=BLOCK_MS
+                    )
             except BROKER_ERRORS as error:
-                self._mark_down(error)
-                # Equal jitter: instances restarted together do not reconnect in lockstep.
-                await trio.sleep(random.uniform(delay / 2, delay))
-                delay = min(delay * 2, RECONNECT_MAX_S)
-                continue
-            delay = RECONNECT_MIN_S
+                self._command_failed(error)
+                return
+            self._watch.read_finished(trio.current_time())
             entries = response.get(self.stream, ()) if response else ()
             for entry in entries:
-                # decode_responses=True: coredis's types allow bytes, the values are str.
-                self._on_entry(str(entry.identifier), cast("Mapping[str, str]", entry.field_values))
-            if self._replaying and len(entries) < BATCH:
-                self._replaying = False
+                for broadcast in log.on_entry(str(entry.identifier), _decode(entry)):
+                    member.deliver(broadcast)
+            log.read_finished(full=len(entries) >= BATCH)
+            self._space.unpark_all()
 
-    async def _resync(self) -> None:
-        """After an outage: choose where to replay from, and what to send again.
-
-        If Redis restarted (its ``run_id`` changed) it may have lost the newest entries, which
-        some processes may not have read yet: this process sends its recent messages again
-        (readers skip what they have). If the stream is gone or was recreated, it is read from
-        its start; otherwise from the last id seen here.
-        """
-        run_id = await self._run_id()
-        info = await self._stream_info()
-        replay_from = self._last_id
-        if info is None:
-            LOGGER.warning(
-                "broker: stream %s is gone (Redis restarted without persistence?): reading the "
-                "new one from its start",
-                self.stream,
-            )
-            replay_from = "0-0"
-        elif parse_message_id(str(info["last-generated-id"])) < parse_message_id(self._last_id):
-            # Restored from an older snapshot: everything in it was read here already.
-            replay_from = str(info["last-generated-id"])
-            LOGGER.warning(
-                "broker: stream %s ends at %s, before the last id seen here (%s): Redis was "
-                "restored from an older snapshot; reading on from its end",
-                self.stream,
-                replay_from,
-                self._last_id,
-            )
-        elif parse_message_id(str(info.get("max-deleted-entry-id") or "0-0")) > parse_message_id(
-            self._last_id
-        ):
-            LOGGER.warning(
-                "broker: the outage outlasted the replay window: entries after %s were trimmed "
-                "from the stream (TRIO_WS_REDIS_STREAM_MAXLEN); some broadcasts did not reach "
-                "this process's clients",
-                self._last_id,
-            )
-        if run_id != self._redis_run_id:
-            LOGGER.warning(
-                "broker: Redis restarted (run_id %s -> %s): sending this process's last %d "
-                "messages again in case it lost them",
-                self._redis_run_id[:8],
-                run_id[:8],
-                len(self._recent),
-            )
-            self._redis_run_id = run_id
-            self._unsent = collections.deque([*self._recent, *self._pending])
-        self._last_id = replay_from
-        self._mark_up(replay_from)
-
-    async def _run_id(self) -> str:
-        info = await self._client.info("server")
-        return str(info.get("run_id", ""))
-
-    def _on_entry(self, entry_id: str, fields: Mapping[str, str]) -> None:
-        self._last_id = entry_id
-        try:
-            origin, seq, message = decode_entry(fields)
-        except (KeyError, ValueError) as error:
-            LOGGER.warning(
-                "broker: skipped stream entry %s not written by trio_ws (%r)", entry_id, error
-            )
-            return
-        member = self._require_member()
-        if origin == member.instance_id:
-            self._confirm_own(seq, entry_id)
-            return
-        if seq <= self._seen.get(origin, 0):
-            self._skip(entry_id)
-            return
-        # Least recently seen first: when the map is full, the origin evicted is long gone.
-        self._seen.pop(origin, None)
-        if len(self._seen) >= SEEN_ORIGINS_LIMIT:
-            self._seen.pop(next(iter(self._seen)))
-        self._seen[origin] = seq
-        if self._replaying:
-            self.replayed += 1
-        member.deliver(Broadcast(entry_id, message))
-
-    def _confirm_own(self, seq: int, entry_id: str) -> None:
-        """One of ours came back from the stream: deliver it here (unless done) and forget it."""
-        if seq <= self._own_confirmed:
-            self._skip(entry_id)
-            return
-        self._own_confirmed = seq
-        member = self._require_member()
-        while self._pending and self._pending[0].seq <= seq:
-            pending = self._pending.popleft()
-            self._recent.append(pending)
-            if pending.delivered:
-                continue
-            # An earlier message of ours that never came back cannot be: it was sent first.
-            # Deliver it here all the same rather than lose it.
-            member.deliver(Broadcast(entry_id if pending.seq == seq else None, pending.message))
-        self._space.unpark_all()
-
-    def _skip(self, entry_id: str) -> None:
-        self.duplicates_skipped += 1
-        self._skipped.add(entry_id)
-        self._skipped_order.append(entry_id)
-        if len(self._skipped_order) > self._stream_maxlen:
-            self._skipped.discard(self._skipped_order.popleft())
-
-    async def _publish_loop(self) -> None:
+    async def _publish_loop(self, client: coredis.Redis[str]) -> None:
+        log = self._require_joined().log
         while True:
-            await self._up.wait()
-            if not self._unsent:
+            batch = log.next_batch(BATCH)
+            if not batch:
                 self._work = trio.Event()
                 await self._work.wait()
                 continue
-            batch = [self._unsent[i] for i in range(min(BATCH, len(self._unsent)))]
-            origin = self._require_member().instance_id
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for pending in batch:
-                        pipe.xadd(
-                            self.stream,
-                            encode_entry(origin, pending.seq, pending.message),
-                            trim_strategy=PureToken.MAXLEN,
-                            trim_operator=PureToken.APPROXIMATELY,
-                            threshold=self._stream_maxlen,
-                        )
+                with trio.fail_after(self._command_timeout):
+                    async with client.pipeline(transaction=False) as pipe:
+                        for pending in batch:
+                            pipe.xadd(
+                                self.stream,
+                                encode_entry(log.origin, pending.seq, pending.message),
+                                trim_strategy=PureToken.MAXLEN,
+                                trim_operator=PureToken.APPROXIMATELY,
+                                threshold=self._stream_maxlen,
+                            )
             except BROKER_ERRORS as error:
-                self._mark_down(error)
-                continue
-            # Sent; they stay pending until the reader sees them in the stream.
-            for pending in batch:
-                # _mark_down may have rebuilt the queue meanwhile: only drop what was sent.
-                if self._unsent and self._unsent[0] is pending:
-                    self._unsent.popleft()
+                self._command_failed(error)
+                return
+            log.batch_sent(batch)
 
-    async def _heartbeat_loop(self) -> None:
+    async def _heartbeat_loop(self, client: coredis.Redis[str]) -> None:
+        membership = self._require_joined().membership
         while True:
             await trio.sleep(self._heartbeat_s)
-            await self._up.wait()
-            if self._leaving:
+            if membership.leaving:
                 return
             try:
-                await self._heartbeat()
+                with trio.fail_after(self._command_timeout):
+                    await self._heartbeat(client)
             except BROKER_ERRORS as error:
-                self._mark_down(error)
+                self._command_failed(error)
+                return
 
-    async def _heartbeat(self) -> None:
-        """Write this process's entry (it expires unless renewed) and read everyone's."""
-        member = self._require_member()
-        connections, draining = member.local_state()
-        info = json.dumps(
-            {
-                "connections": connections,
-                "draining": draining,
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-            }
+    async def _history_loop(self, client: coredis.Redis[str]) -> None:
+        """Answers the history requests that arrived since the last read, with one read."""
+        log = self._require_joined().log
+        while True:
+            requests = await self._histories.take_all()
+            try:
+                questions = [request.question for request in requests]
+                read = log.plan_histories(questions)
+                try:
+                    with trio.fail_after(self._command_timeout):
+                        entries, anchors_found = await self._read_history(client, read)
+                except coredis.exceptions.ResponseError as error:
+                    # Redis answered, with an error about this read: not an outage.
+                    LOGGER.info("broker: could not read history: %s", _describe(error))
+                    continue
+                except BROKER_ERRORS as error:
+                    self._command_failed(error)
+                    return
+                answers = log.answer_histories(questions, read, entries, anchors_found)
+                for request, answer in zip(requests, answers, strict=True):
+                    request.reply(answer)
+            finally:
+                for request in requests:
+                    request.give_up()  # unless answered: the caller gets an incomplete history
+
+    async def _read_history(
+        self, client: coredis.Redis[str], read: HistoryRead
+    ) -> tuple[Sequence[tuple[str, Entry | None]], set[str]]:
+        """The range (newest first) and which anchors exist, in one pipeline."""
+        if not read.count and not read.anchors:
+            return [], set()  # no request can be in the stream
+        self.history_reads += 1
+        async with client.pipeline(transaction=False) as pipe:
+            range_request = None
+            if read.count:
+                range_request = pipe.xrevrange(
+                    self.stream, read.newest, read.oldest, count=read.count
+                )
+            anchor_requests = [pipe.xrange(self.stream, a, a, count=1) for a in read.anchors]
+        entries = await range_request if range_request is not None else ()
+        anchors_found = set()
+        for anchor, request in zip(read.anchors, anchor_requests, strict=True):
+            if await request:
+                anchors_found.add(anchor)
+        return [(str(entry.identifier), _decode(entry)) for entry in entries], anchors_found
+
+    async def _command_loop(self, client: coredis.Redis[str]) -> None:
+        """Runs the commands that callers asked for (periodic claims, leaving)."""
+        while True:
+            requests = await self._commands.take_all()
+            try:
+                for request in requests:
+                    try:
+                        with trio.fail_after(self._command_timeout):
+                            request.reply(await request.question(client))
+                    except BROKER_ERRORS as error:
+                        self._command_failed(error)
+                        return
+            finally:
+                for request in requests:
+                    request.give_up()
+
+    async def _watchdog(self) -> None:
+        log = self._require_joined().log
+        while True:
+            await trio.sleep(self._watch.stall_timeout / 4)
+            stall = self._watch.check(trio.current_time(), log.pending, log.own_confirmed)
+            if stall is not None:
+                self.stalls += 1
+                self._fail("stalled", f"{stall}; last id {log.last_id}")
+                return
+
+    # -- commands ------------------------------------------------------------------------------
+
+    async def _heartbeat(self, client: coredis.Redis[str]) -> None:
+        connections, draining = self._require_joined().member.local_state()
+        view = await self._require_joined().membership.heartbeat(
+            client, connections, draining, trio.current_time()
         )
-        async with self._client.pipeline(transaction=False) as pipe:
-            pipe.set(
-                self._instance_prefix + member.instance_id,
-                info,
-                px=int(self._instance_ttl_s * 1000),
-            )
-            pipe.sadd(self._instances_key, [member.instance_id])
-            members_request = pipe.smembers(self._instances_key)
-        members = sorted(await members_request)
-        values = await self._client.mget([self._instance_prefix + m for m in members])
-        gone = [m for m, value in zip(members, values, strict=True) if value is None]
-        if gone:
-            await self._client.srem(self._instances_key, gone)
-        alive = [json.loads(value) for value in values if value is not None]
-        self._cluster = ClusterView(
-            instances=len(alive),
-            connections=sum(int(entry["connections"]) for entry in alive),
-            draining_instances=sum(1 for entry in alive if entry["draining"]),
-            as_of=trio.current_time(),
-            own_connections=connections,
-        )
+        if view is not None:
+            self._cluster = view
 
-    async def _stream_end(self) -> str:
-        """The id of the stream's newest entry ever, so reading starts with what comes next."""
-        info = await self._stream_info()
-        return "0-0" if info is None else str(info["last-generated-id"])
+    async def _claim_periodic(self, slot: int, interval: float, client: coredis.Redis[str]) -> bool:
+        won = await self._require_joined().membership.claim_periodic(client, slot, interval)
+        if won:
+            await self._heartbeat(client)  # the periodic message reports a fresh cluster count
+        return won
 
-    async def _stream_info(self) -> Mapping[str, Any] | None:
-        """``XINFO STREAM``, or None if there is no stream (yet, or any more)."""
+    async def _leave(self, client: coredis.Redis[str]) -> bool:
+        await self._require_joined().membership.leave(client)
+        return True
+
+    async def _run_id(self, client: coredis.Redis[str]) -> str:
+        info = await client.info("server")
+        return str(info.get("run_id", ""))
+
+    async def _stream_info(self, client: coredis.Redis[str]) -> StreamInfo | None:
+        """The stream's ends (``XINFO STREAM``), or None if there is no stream (yet, or any
+        more)."""
         try:
-            return cast("Mapping[str, Any]", await self._client.xinfo_stream(self.stream))
+            info = cast("Mapping[str, Any]", await client.xinfo_stream(self.stream))
         except coredis.exceptions.ResponseError as error:
             if "no such key" in str(error).lower():
                 return None
             raise
+        return StreamInfo(
+            str(info["last-generated-id"]), str(info.get("max-deleted-entry-id") or "0-0")
+        )
 
-    def _require_member(self) -> Member:
-        if self._member is None:
+    def _require_joined(self) -> _Joined:
+        if self._joined is None:
             raise RuntimeError("RedisBroker used before run()")
-        return self._member
+        return self._joined
+
+
+def _report_resync(resync: Resync, url: str, stream: str) -> None:
+    """Log what :meth:`ClusterLog.on_resync` decided: one line, plus a warning for each thing
+    that went wrong with the stream meanwhile."""
+    if resync.stream == "gone":
+        LOGGER.warning(
+            "broker: stream %s is gone (Redis restarted without persistence?): reading the "
+            "new one from its start",
+            stream,
+        )
+    elif resync.stream == "restored":
+        LOGGER.warning(
+            "broker: stream %s ends at %s, before the last id seen here (%s): Redis was "
+            "restored from an older snapshot; reading on from its end",
+            stream,
+            resync.replay_from,
+            resync.last_id_before,
+        )
+    elif resync.stream == "trimmed":
+        LOGGER.warning(
+            "broker: the outage outlasted the replay window: entries after %s were trimmed "
+            "from the stream (TRIO_WS_REDIS_STREAM_MAXLEN); some broadcasts did not reach "
+            "this process's clients",
+            resync.last_id_before,
+        )
+    if resync.restarted is not None:
+        old, new = resync.restarted
+        LOGGER.warning(
+            "broker: Redis restarted (run_id %s -> %s): sending this process's recent "
+            "messages again in case it lost them",
+            old[:8],
+            new[:8],
+        )
+    LOGGER.info(
+        "broker: Redis at %s is back after %.2fs; replaying the stream after %s, "
+        "re-sending %d messages sent here meanwhile",
+        url,
+        resync.down_for,
+        resync.replay_from,
+        resync.resending,
+    )
+
+
+def _decode(entry: StreamEntry) -> Entry | None:
+    """The entry, or None (and a warning) for one that trio_ws did not write."""
+    # decode_responses=True: coredis's types allow bytes, the values are str.
+    try:
+        return decode_entry(cast("Mapping[str, str]", entry.field_values))
+    except (KeyError, ValueError) as error:
+        LOGGER.warning(
+            "broker: skipped stream entry %s not written by trio_ws (%r)", entry.identifier, error
+        )
+        return None
 
 
 def _describe(error: BaseException) -> str:
+    if isinstance(error, trio.TooSlowError):
+        return "no answer within the command timeout"
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+def _first_leaf(group: BaseExceptionGroup[Exception]) -> Exception:
     first: BaseException = group
     while isinstance(first, BaseExceptionGroup):
         first = first.exceptions[0]
-    return first
+    return cast("Exception", first)

@@ -60,6 +60,36 @@ class Member(Protocol):
         """This process's connection count, and whether it is draining."""
 
 
+#: What a broadcast counts in a history's byte budget besides its text and sender: about what
+#: its frame adds (id, timestamp, field names).
+BROADCAST_OVERHEAD_BYTES = 64
+
+
+def approximate_size(message: Outgoing) -> int:
+    """About the bytes ``message`` takes in a frame, for history budgets."""
+    return len(message.text) + len(message.sender) + BROADCAST_OVERHEAD_BYTES
+
+
+class HistoryBudget:
+    """What a history may still take: ``limit`` broadcasts and ``max_bytes`` bytes (each
+    counted as :func:`approximate_size`). Histories take the newest broadcasts first."""
+
+    __slots__ = ("_bytes_left", "_count_left")
+
+    def __init__(self, limit: int, max_bytes: int) -> None:
+        self._count_left = limit
+        self._bytes_left = max_bytes
+
+    def take(self, message: Outgoing) -> bool:
+        """Count ``message`` in, if it fits; False (and nothing counted) if it does not."""
+        size = approximate_size(message)
+        if self._count_left <= 0 or size > self._bytes_left:
+            return False
+        self._count_left -= 1
+        self._bytes_left -= size
+        return True
+
+
 @dataclass(frozen=True, slots=True)
 class History:
     """Broadcasts after a client's last seen id, oldest first, for a resuming client."""
@@ -120,9 +150,13 @@ class Broker(abc.ABC):
         """The id of the latest broadcast delivered to this process, if any."""
 
     @abc.abstractmethod
-    async def history(self, since: str, limit: int) -> History:
-        """Up to ``limit`` broadcasts after ``since`` (a valid message id) that were delivered
-        to this process by now, oldest first (the newest ones if there are more)."""
+    async def history(self, since: str, *, limit: int, max_bytes: int) -> History:
+        """The broadcasts after ``since`` (a valid message id) that were delivered to this
+        process by now, oldest first: the newest ones that fit in ``limit`` broadcasts and
+        ``max_bytes`` bytes (see :class:`HistoryBudget`).
+
+        ``complete`` is False when some were left out, or are no longer kept.
+        """
 
     async def claim_periodic(self, slot: int, interval: float) -> bool:
         """Whether this process sends the periodic message of ``slot``: one for the cluster."""

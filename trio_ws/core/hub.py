@@ -41,6 +41,11 @@ REFUSED_REASON = "server is shutting down; reconnect to another instance"
 #: at a trickle can make a close or a pong wait for.
 BATCH_LIMIT_BYTES = 64 * 1024
 
+#: Most bytes of history one resuming client is replayed (approximately: see
+#: :class:`trio_ws.core.broker.HistoryBudget`); one that missed more is told its history is
+#: incomplete. It bounds what one reconnect costs, in memory and on the wire.
+RESUME_BUDGET_BYTES = 1 << 20
+
 
 class Hub:
     """Connections, broadcasts, the periodic message and the drain."""
@@ -155,7 +160,9 @@ class Hub:
         started, so live broadcasts wait in its outbox while the history is read. At most half
         a queue is replayed: a client that missed more is told its history is incomplete.
         """
-        history = await self.broker.history(since, max(1, self.settings.queue_size // 2))
+        history = await self.broker.history(
+            since, limit=max(1, self.settings.queue_size // 2), max_bytes=RESUME_BUDGET_BYTES
+        )
         if connection.closing:
             return
         live = connection.take_queued()
