@@ -42,8 +42,12 @@ class Settings:
     progress_interval: float = 10.0
     #: Largest text frame a client may send; larger ones are closed with 1009.
     max_message_size: int = 64 * 1024
-    #: Frames queued for one client before it counts as slow and is disconnected (4008).
-    queue_size: int = 256
+    #: Frames queued for one client before it counts as slow and is disconnected (4008); a
+    #: resuming client is replayed at most half as many.
+    queue_size: int = 4096
+    #: Bytes queued for one client (frames as written) before it counts as slow (4008); a
+    #: resuming client is replayed the newest broadcasts that fit in half of it.
+    outbox_bytes: int = 1 << 20
     #: WebSocket ping interval (keeps idle clients alive behind proxies); 0 turns pings off.
     ping_interval: float = 20.0
     #: TCP_USER_TIMEOUT for accepted sockets: a peer that acknowledges nothing for this long is
@@ -82,6 +86,12 @@ class Settings:
             "bytes >= 1024",
         )
         _check(self.queue_size >= 1, "queue_size", self.queue_size, "an integer >= 1")
+        _check(
+            self.outbox_bytes >= 2 * self.max_message_size + 1024,
+            "outbox_bytes",
+            self.outbox_bytes,
+            f"bytes >= 2 x max_message_size + 1024 ({2 * self.max_message_size + 1024})",
+        )
         _check(self.ping_interval >= 0, "ping_interval", self.ping_interval, "seconds >= 0")
         _check(self.stall_timeout >= 0, "stall_timeout", self.stall_timeout, "seconds >= 0")
         _check(self.log_level in LOG_LEVELS, "log_level", self.log_level, " or ".join(LOG_LEVELS))
@@ -128,6 +138,12 @@ class Settings:
         return cls(**values)
 
     @property
+    def resume_bytes(self) -> int:
+        """Most bytes of history a resuming client is replayed: half its outbox, so that what
+        arrives live meanwhile still fits."""
+        return self.outbox_bytes // 2
+
+    @property
     def transport_max_message_size(self) -> int:
         """The limit given to Hypercorn: above ours, so that the app sees an oversized message
         and closes the connection itself (Hypercorn's own 1009 leaves the connection open until
@@ -144,6 +160,7 @@ class Settings:
             f"broadcast_interval={self.broadcast_interval:g}s "
             f"progress_interval={self.progress_interval:g}s "
             f"max_message_size={self.max_message_size} queue_size={self.queue_size} "
+            f"outbox_bytes={self.outbox_bytes} "
             f"ping_interval={self.ping_interval:g}s stall_timeout={self.stall_timeout:g}s "
             f"log_level={self.log_level} broker={self.broker_description}"
         )
@@ -195,6 +212,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "progress_interval": _number,
     "max_message_size": int,
     "queue_size": int,
+    "outbox_bytes": int,
     "ping_interval": _number,
     "stall_timeout": _number,
     "log_level": _level,

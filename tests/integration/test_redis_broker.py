@@ -18,7 +18,7 @@ from trio_ws.brokers.entries import decode_entry, encode_entry
 from trio_ws.brokers.redis import RedisBroker
 from trio_ws.core.broker import BrokerState, Outgoing
 from trio_ws.core.health import health_report
-from trio_ws.core.hub import RESUME_BUDGET_BYTES, Hub
+from trio_ws.core.hub import Hub
 from trio_ws.core.registry import Connection
 from trio_ws.settings import Settings, redact_url
 
@@ -341,7 +341,7 @@ async def test_a_resume_replays_the_newest_broadcasts_that_fit_in_its_budget(
 ) -> None:
     hub = make_hub(redis, "solo")
     watcher = hub.connect("watcher", "p")
-    big = "x" * (RESUME_BUDGET_BYTES // 8)  # about 8 fit
+    big = "x" * ((Settings().resume_bytes) // 8)  # about 8 fit
     async with trio.open_nursery() as nursery:
         await nursery.start(hub.run)
         await hub.publish("watcher", "small")

@@ -452,10 +452,12 @@ async def test_an_error_closing_one_client_is_logged(caplog: pytest.LogCaptureFi
 
 
 async def test_partial_writes_never_interleave_with_hypercorn_frames(
-    server: RunningServer,
+    start_server: StartServer,
 ) -> None:
     """A slow reader makes broadcasts write only part of a frame; the pongs Hypercorn sends
     meanwhile must land between frames, never inside one."""
+    # 150 frames of 8 KiB wait for the slow reader: room for them, so it is never cut as slow.
+    server = await start_server(outbox_bytes=4 << 20)
     host, port = host_port(server)
     victim = await raw_handshake(host, port, "/ws/victim", rcvbuf=4096)
     count, pings = 150, 0

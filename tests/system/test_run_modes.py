@@ -52,7 +52,7 @@ async def test_launcher_sigterm_normal_drain() -> None:
                 r"drain progress: 2 connections left, 0\.5s elapsed, 29\.5s left"
             )
             await second.aclose()
-            await server.wait_for_line(r"drain: client second left after .*, 1 connection remain")
+            await server.wait_for_line(r"drain: client second left after .*, 1 connection left")
             await first.aclose()
         left = time.monotonic()
         assert await server.wait_exit() == 0

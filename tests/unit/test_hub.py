@@ -15,7 +15,7 @@ from trio_ws.brokers.local import LocalBroker
 from trio_ws.core.drain import DrainState
 from trio_ws.core.health import health_report
 from trio_ws.core.hub import Hub
-from trio_ws.core.protocol import ClientIdError, CloseCode
+from trio_ws.core.protocol import ClientIdError, CloseCode, StaleAttemptError
 from trio_ws.core.registry import Connection
 from trio_ws.hosting.signals import on_signal
 from trio_ws.settings import Settings
@@ -138,7 +138,7 @@ async def test_drain_warns_everyone_and_stops_when_they_leave(
         "drain started (SIGTERM): 3 connections, deadline 1800s (at 1970-01-01T00:46:40.000Z)"
         in messages
     )
-    assert "drain: client c0 left after 5.0s of drain, 2 connections remain" in messages
+    assert "drain: client c0 left after 5.0s of drain, 2 connections left" in messages
     assert "drain: warned 3 clients" in messages
 
 
@@ -242,3 +242,63 @@ async def test_a_resuming_client_gets_what_it_missed_then_live_broadcasts() -> N
         await hub.resume(old, "1-0")
         assert frames(old)[0]["resumed"]["complete"] is False
         nursery.cancel_scope.cancel()
+
+
+def test_a_stale_attempt_never_replaces_the_newer_connection() -> None:
+    """A client gave up on an attempt and retried; the retry got through first. The stale
+    attempt, registered later, is refused instead of closing the retry with 4500."""
+    hub = make_hub()
+    stale, retry = hub.new_attempt(), hub.new_attempt()
+    newer = hub.connect("alice", "p:2", attempt=retry)
+    with pytest.raises(StaleAttemptError):
+        hub.connect("alice", "p:1", attempt=stale)
+    assert not newer.closing
+    assert hub.registry.get("alice") is newer
+    # A genuinely newer attempt still replaces it, as a reconnect must.
+    newest = hub.connect("alice", "p:3", attempt=hub.new_attempt())
+    assert (newer.close_code, hub.registry.get("alice")) == (CloseCode.REPLACED, newest)
+
+
+async def test_a_resume_replays_more_than_a_few_seconds_of_broadcasts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """At 50 messages a second a storm's gap is many hundreds of broadcasts: the replay is
+    bounded in bytes, not in a count that is seconds long."""
+    hub = Hub(Settings(), broker=LocalBroker(history_size=5000), instance_id="i1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        sender = hub.connect("sender", "p")
+        await hub.publish("sender", "first")
+        since = frames(sender)[-1]["id"]
+        for i in range(1000):
+            await hub.publish("sender", f"m{i}")
+        back = hub.connect("back", "p", resuming=True)
+        await hub.resume(back, since)
+        got = frames(back)
+        assert got[0]["resumed"] == {"since": since, "replayed": 1000, "complete": True}
+        assert [f["text"] for f in got[1:]] == [f"m{i}" for i in range(1000)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_drain_report_counts_slow_consumers_apart(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    hub = make_hub(queue_size=2)
+    slow, leaver = hub.connect("slow", "p"), hub.connect("leaver", "p")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        hub.request_drain("SIGTERM")
+        await trio.testing.wait_all_tasks_blocked()
+        frames(leaver)
+        await hub.publish("leaver", "overflows the slow one")
+        assert slow.close_code == CloseCode.SLOW_CONSUMER
+        hub.disconnect(slow)  # the shell, once its close is sent
+        hub.disconnect(leaver)
+    assert hub.drain.outcome is not None
+    tally = hub.drain.outcome.tally
+    assert (tally.at_start, tally.left, tally.slow, tally.at_deadline) == (2, 1, 1, 0)
+    assert (
+        "2 connections at start: 1 left by themselves, 1 closed as slow (4008), "
+        "0 closed at the deadline (1001), 0 closed for other reasons" in caplog.text
+    )

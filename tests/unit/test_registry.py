@@ -64,7 +64,10 @@ def test_slow_client_is_removed_and_asked_to_close(caplog: pytest.LogCaptureFixt
     assert drain_outbox(slow) == ["m0", "m1"]  # never fed a gap, cut cleanly
     assert drain_outbox(healthy) == [f"m{i}" for i in range(5)]
     assert registry.statistics().slow_disconnects == 1
-    assert "client slow (127.0.0.1:1) disconnected: outbox of 2 frames full" in caplog.text
+    assert (
+        "client slow (127.0.0.1:1) disconnected: outbox full (2 frames, 8 bytes queued"
+        in caplog.text
+    )
 
 
 def test_first_close_request_wins() -> None:

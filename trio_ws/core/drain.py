@@ -250,7 +250,7 @@ class Drain:
             return
         self.tally.count(connection)
         LOGGER.info(
-            "drain: client %s %s after %.1fs of drain, %s remain",
+            "drain: client %s %s after %.1fs of drain, %s left",
             connection.client_id,
             "left" if connection.close_code is None else f"was closed ({connection.close_code})",
             trio.current_time() - self._started_at,

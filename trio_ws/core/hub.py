@@ -41,11 +41,6 @@ REFUSED_REASON = "server is shutting down; reconnect to another instance"
 #: at a trickle can make a close or a pong wait for.
 BATCH_LIMIT_BYTES = 64 * 1024
 
-#: Most bytes of history one resuming client is replayed (approximately: see
-#: :class:`trio_ws.core.broker.HistoryBudget`); one that missed more is told its history is
-#: incomplete. It bounds what one reconnect costs, in memory and on the wire.
-RESUME_BUDGET_BYTES = 1 << 20
-
 
 class Hub:
     """Connections, broadcasts, the periodic message and the drain."""
@@ -59,7 +54,7 @@ class Hub:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
-        self.registry = Registry()
+        self.registry = Registry(on_evicted=self._evicted)
         #: Names this process in the welcome frame, /health and the cluster.
         self.instance_id = instance_id if instance_id is not None else protocol.new_instance_id()
         self.broker = broker
@@ -71,6 +66,7 @@ class Hub:
         )
         self._wall_clock = wall_clock
         self.messages_broadcast = 0
+        self._attempts = 0
         self.started_wall = wall_clock()
 
     # -- state ---------------------------------------------------------------------------------
@@ -97,29 +93,55 @@ class Hub:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def connect(self, client_id: str | None, peer: str, *, resuming: bool = False) -> Connection:
+    def connect(
+        self,
+        client_id: str | None,
+        peer: str,
+        *,
+        resuming: bool = False,
+        attempt: int | None = None,
+    ) -> Connection:
         """Register a new client and queue its welcome frame (``resuming``: :meth:`resume`
         queues it, with the history).
 
-        An older connection with the same id is asked to close with 4500: the newest wins, so a
-        reconnecting client is never locked out by its own stale connection.
+        ``attempt`` (from :meth:`new_attempt`, when the attempt reached the server) orders the
+        attempts for one id, and the newest wins: a connected one that started earlier is asked
+        to close with 4500, so a reconnecting client is never locked out by its own stale
+        connection; and an attempt that started before the one already connected (a client
+        that gave up on it and retried, and whose retry got through first) is refused with
+        :class:`~trio_ws.core.protocol.StaleAttemptError`, never replacing the newer one.
 
-        Errors: :class:`trio_ws.core.protocol.ClientIdError` for a bad id; :class:`RuntimeError` if
-        the hub is draining (callers check :attr:`draining` and refuse with 1001 first).
+        Errors: :class:`trio_ws.core.protocol.ClientIdError` for a bad id;
+        :class:`~trio_ws.core.protocol.StaleAttemptError` (above); :class:`RuntimeError` if the
+        hub is draining (callers check :attr:`draining` and refuse with 1001 first).
         """
         if self.draining:
             raise RuntimeError("the hub is draining; refuse the connection with 1001")
+        if attempt is None:
+            attempt = self.new_attempt()
         if client_id is None:
             client_id = protocol.new_client_id()
         else:
             protocol.validate_client_id(client_id)
+            current = self.registry.get(client_id)
+            if current is not None and current.attempt > attempt:
+                LOGGER.info(
+                    "client %s: a stale attempt from %s refused, a newer connection from %s "
+                    "is already here",
+                    client_id,
+                    peer,
+                    current.peer,
+                )
+                raise protocol.StaleAttemptError("a newer connection for this id is already here")
         now = self._wall_clock()
         connection = Connection(
             client_id,
             peer=peer,
             connected_at=now,
             queue_size=self.settings.queue_size,
+            max_bytes=self.settings.outbox_bytes,
             batch_limit=BATCH_LIMIT_BYTES,
+            attempt=attempt,
         )
         previous = self.registry.add(connection)
         if not resuming:
@@ -140,6 +162,12 @@ class Hub:
         )
         return connection
 
+    def new_attempt(self) -> int:
+        """Number a connection attempt as it reaches the server, before any wait: attempts for
+        one client id are ordered by it (see :meth:`connect`)."""
+        self._attempts += 1
+        return self._attempts
+
     def _welcome(self, connection: Connection, resumed: dict[str, object] | None = None) -> Frame:
         return Frame(
             protocol.welcome_frame(
@@ -157,11 +185,15 @@ class Hub:
         whatever arrived live meanwhile (once each, in order).
 
         ``connection`` comes from ``connect(..., resuming=True)`` and its writer has not
-        started, so live broadcasts wait in its outbox while the history is read. At most half
-        a queue is replayed: a client that missed more is told its history is incomplete.
+        started, so live broadcasts wait in its outbox while the history is read. The newest
+        broadcasts that fit in ``resume_bytes`` (and half a queue) are replayed: a client that
+        missed more is told its history is incomplete. Resumes that arrive together share one
+        read of the broker's history.
         """
         history = await self.broker.history(
-            since, limit=max(1, self.settings.queue_size // 2), max_bytes=RESUME_BUDGET_BYTES
+            since,
+            limit=max(1, self.settings.queue_size // 2),
+            max_bytes=self.settings.resume_bytes,
         )
         if connection.closing:
             return
@@ -204,6 +236,10 @@ class Hub:
             self._wall_clock() - connection.connected_at,
             plural(len(self.registry), "active connection"),
         )
+
+    def _evicted(self, connection: Connection) -> None:
+        if self.drain.requested:
+            self.drain.note_gone(connection, len(self.registry))
 
     def note_refused(self, peer: str) -> None:
         self.drain.note_refused(peer)

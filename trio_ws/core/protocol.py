@@ -54,6 +54,11 @@ def validate_client_id(client_id: str) -> str:
     return client_id
 
 
+class StaleAttemptError(ValueError):
+    """A connection attempt that started before the connection already registered for its id:
+    its client retried, and the retry got through first."""
+
+
 class ResumeError(ValueError):
     """The ``since`` of a resuming client is not a message id."""
 

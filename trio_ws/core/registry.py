@@ -26,9 +26,10 @@ import trio
 
 from trio_ws.core.outbox import Outbox
 from trio_ws.core.protocol import CloseCode, Frame, parse_message_id
+from trio_ws.core.words import plural
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 LOGGER = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Connection:
 
     __slots__ = (
         "_close_scope",
+        "attempt",
         "client_id",
         "close_code",
         "close_reason",
@@ -58,8 +60,11 @@ class Connection:
         queue_size: int,
         batch_limit: int = 0,
         max_bytes: int | None = None,
+        attempt: int = 0,
     ) -> None:
         self.client_id = client_id
+        #: When the attempt reached the server, as a sequence number: the newest wins.
+        self.attempt = attempt
         self.peer = peer
         #: Wall-clock time (seconds since the epoch) of the handshake.
         self.connected_at = connected_at
@@ -130,8 +135,11 @@ class RegistryStatistics:
 class Registry:
     """The live connections, by client id."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_evicted: Callable[[Connection], None] | None = None) -> None:
         self._connections: dict[str, Connection] = {}
+        #: Told of every connection the registry removes by itself (slow consumers), since the
+        #: shell's later ``Hub.disconnect`` finds it gone already.
+        self._on_evicted = on_evicted
         self._empty = trio.Event()
         self._empty.set()
         self._total_connected = 0
@@ -195,13 +203,16 @@ class Registry:
             self._slow_disconnects += 1
             connection.request_close(CloseCode.SLOW_CONSUMER, "slow consumer: outbox overflowed")
             LOGGER.warning(
-                "client %s (%s) disconnected: outbox of %d frames full (slow consumer), "
-                "%d connections remain",
+                "client %s (%s) disconnected (slow consumer): outbox full at %d frames, %d "
+                "bytes; %s left",
                 connection.client_id,
                 connection.peer,
-                connection.outbox.max_frames,
-                len(self._connections),
+                len(connection.outbox),
+                connection.outbox.queued_bytes,
+                plural(len(self._connections), "connection"),
             )
+            if self._on_evicted is not None:
+                self._on_evicted(connection)
         return delivered
 
     def close_all(self, code: int, reason: str) -> int:

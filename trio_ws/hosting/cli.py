@@ -37,7 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--broadcast-interval", type=float, metavar="S", help="periodic message, 0=off (10)")
     add("--progress-interval", type=float, metavar="S", help="drain progress log interval (10)")
     add("--max-message-size", type=int, metavar="BYTES", help="largest client frame (65536)")
-    add("--queue-size", type=int, metavar="N", help="frames queued per client before 4008 (256)")
+    add("--queue-size", type=int, metavar="N", help="frames queued per client before 4008 (4096)")
+    add(
+        "--outbox-bytes",
+        type=int,
+        metavar="BYTES",
+        help="bytes queued per client before 4008 (1 MiB)",
+    )
     add("--ping-interval", type=float, metavar="S", help="WebSocket ping interval, 0=off (20)")
     add("--stall-timeout", type=float, metavar="S", help="TCP_USER_TIMEOUT, 0=kernel's (30)")
     add("--log-level", type=str.upper, choices=LOG_LEVELS, help="log level (INFO)")

@@ -30,6 +30,11 @@ LOGGER = logging.getLogger(__name__)
 
 #: What Hypercorn may still wait for after the drain: in-flight HTTP requests, close replies.
 SHUTDOWN_GRACE_S = 0.1
+#: Pending TCP connections the kernel queues for accept() (Hypercorn's default is 100). A
+#: reconnect storm after another instance's drain arrives all at once: with a short queue the
+#: kernel drops SYNs, and each dropped one costs its client a 1 s retransmission. The kernel
+#: caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +61,7 @@ def hypercorn_config(settings: Settings) -> Config:
     # after its next ping interval (hypercorn/protocol/ws_stream.py ``_send_pings``): waiting for
     # it would delay the exit by up to ``ping_interval`` for nothing.
     configure_hypercorn(config, settings, graceful_timeout_s=SHUTDOWN_GRACE_S)
+    config.backlog = LISTEN_BACKLOG
     config.websocket_ping_interval = settings.ping_interval or None
     config.certfile = settings.certfile
     config.keyfile = settings.keyfile

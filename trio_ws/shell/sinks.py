@@ -19,6 +19,7 @@ never land inside one of ours.
 from __future__ import annotations
 
 import logging
+import socket
 from typing import TYPE_CHECKING, Any
 
 import hypercorn
@@ -109,6 +110,10 @@ class AsgiSink:
     def try_write(self, frame: Frame) -> Written:
         return Written.NOTHING
 
+    def peer_gone(self) -> bool:
+        """Whether the client has certainly gone (ASGI cannot tell before a read: False)."""
+        return False
+
     async def write(self, frames: Sequence[Frame]) -> bool:
         for frame in frames:
             if frame.text:  # WAKE (empty) is only ever queued for a direct sink
@@ -138,8 +143,8 @@ class DirectSink(AsgiSink):
         self._lock = lock
         self._pending: memoryview | None = None
         # Plain TCP: the stdlib socket under trio's, for a synchronous non-blocking send().
-        socket = getattr(stream, "socket", None) if isinstance(stream, trio.SocketStream) else None
-        self._raw = getattr(socket, "_sock", None)
+        trio_socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._raw = getattr(trio_socket, "_sock", None)
 
     @classmethod
     def find(cls, send: AsgiSend) -> DirectSink | None:
@@ -173,6 +178,20 @@ class DirectSink(AsgiSink):
             and ws_stream.state is ASGIWebsocketState.CONNECTED
             and ws_stream.connection.state is ConnectionState.OPEN
         )
+
+    def peer_gone(self) -> bool:
+        """Whether the client has closed or reset its end: a non-blocking peek, no read."""
+        if not self.is_open():
+            return True
+        if self._raw is None:
+            return False
+        try:
+            peeked: bytes = self._raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True  # reset
+        return peeked == b""
 
     def try_write(self, frame: Frame) -> Written:
         raw = self._raw

@@ -19,7 +19,7 @@ import trio
 
 from trio_ws.core import protocol
 from trio_ws.core.hub import REFUSED_REASON
-from trio_ws.core.protocol import ClientIdError, CloseCode, ResumeError
+from trio_ws.core.protocol import ClientIdError, CloseCode, ResumeError, StaleAttemptError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -60,6 +60,7 @@ class WebSocketEndpoint:
         self.max_message_size = hub.settings.max_message_size
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        attempt = self.hub.new_attempt()
         client_id = client_id_from_path(scope["path"])
         # The "websocket.connect" event is left for the reader to skip, as Quart does: some ASGI
         # hosts (Quart's test client) never send it. Accept first: refusing before the
@@ -74,14 +75,22 @@ class WebSocketEndpoint:
             hub.note_refused(peer)
             await _close(sink, CloseCode.GOING_AWAY, REFUSED_REASON, peer)
             return
+        if sink.peer_gone():
+            # The client gave up on this attempt (a connect timeout) while it waited here: it
+            # must not take its id over from the retry that may already be connected.
+            LOGGER.debug("client %s gone before its welcome: not registered", peer)
+            return
         since = _query_value(scope, "since")
         try:
             if since is not None:
                 protocol.validate_since(since)
-            connection = hub.connect(client_id, peer, resuming=since is not None)
+            connection = hub.connect(client_id, peer, resuming=since is not None, attempt=attempt)
         except (ClientIdError, ResumeError) as error:
             LOGGER.info("refused %s from %s: %s", _describe_path(scope), peer, error)
             await _close(sink, CloseCode.POLICY_VIOLATION, str(error), peer)
+            return
+        except StaleAttemptError as error:
+            await _close(sink, CloseCode.REPLACED, str(error), peer)
             return
         try:
             if since is not None:
