@@ -65,7 +65,7 @@ def test_slow_client_is_removed_and_asked_to_close(caplog: pytest.LogCaptureFixt
     assert drain_outbox(healthy) == [f"m{i}" for i in range(5)]
     assert registry.statistics().slow_disconnects == 1
     assert (
-        "client slow (127.0.0.1:1) disconnected: outbox full (2 frames, 8 bytes queued"
+        "client slow (127.0.0.1:1) disconnected (slow consumer): outbox full at 2 frames"
         in caplog.text
     )
 
