@@ -3,8 +3,11 @@ clients, and raw sockets for the clients that misbehave."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import os
+import socket
 
 import pytest
 import trio
@@ -604,3 +607,31 @@ async def test_a_bad_since_is_closed_with_1008(server: RunningServer, since: str
         assert reason is not None
         assert "since must be a message id" in reason
     await wait_until(lambda: len(server.hub.registry) == 0)
+
+
+async def test_an_attempt_its_client_gave_up_on_never_takes_over_the_id(
+    server: RunningServer,
+) -> None:
+    """A client's connect timed out and it retried; the retry is connected. The abandoned
+    attempt reaching the server afterwards must not close the retry with 4500 (the page never
+    reconnects after 4500: the client would be locked out)."""
+    host, port = host_port(server)
+    async with open_websocket_url(server.ws_url + "/alice") as retry:
+        await next_frame(retry)
+        for _ in range(20):
+            sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            await sock.connect((host, port))
+            key = base64.b64encode(os.urandom(16)).decode()
+            await sock.send(
+                f"GET /ws/alice HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            sock.shutdown(socket.SHUT_WR)  # gave up: the FIN follows the request
+            sock.close()
+        await trio.sleep(0.5)
+        assert server.hub.registry.get("alice") is not None
+        assert not server.hub.registry.get("alice").closing  # type: ignore[union-attr]
+        await retry.send_message("still here")
+        assert (await next_frame(retry))["text"] == "still here"
+    assert server.hub.registry.statistics().replaced == 0
