@@ -8,14 +8,15 @@ The two designs it compares, as trio_ws would run them with coredis under Trio:
 
 * ``streams``: the publisher pipelines ``XADD ... MAXLEN ~ 10000`` (up to 500 per round trip);
   each server process runs one reader looping ``XREAD BLOCK 1000 COUNT 500`` from its last id.
-  That is ``trio_ws/redis_broker.py``'s design.
+  That is the design of trio_ws's Redis broker (``trio_ws/brokers/redis.py``).
 * ``pubsub+stream``: the publisher pipelines the same ``XADD`` (the stream is the replay log),
   then ``PUBLISH`` of each entry as ``<stream id>\n<fields as JSON>`` in a second pipeline: a
   client learns an entry's id only from the ``XADD`` reply, and subscribers need it to resume
   from the log, so its latency includes that extra round trip. Each process runs a coredis
-  PubSub subscriber the robust way (``shared/notes/redis.md``): ``retry_policy=NoRetryPolicy()``,
-  a loop on ``await ps.get_message()`` and its own reconnect loop that fills the gap with
-  ``XRANGE`` and skips what it already has by stream id.
+  PubSub subscriber the robust way, since coredis's own Pub/Sub reconnect can end silently
+  (docs/design/redis.md): ``retry_policy=NoRetryPolicy()``, a loop on
+  ``await ps.get_message()`` and its own reconnect loop that fills the gap with ``XRANGE`` and
+  skips what it already has by stream id.
 * ``pubsub+stream/lua`` (opt-in, ``--transports``): the same in one round trip, a Lua script
   (``EVALSHA``, pipelined) doing ``XADD`` and ``PUBLISH`` of the new id: the Pub/Sub design at
   its best, paying with Redis CPU.
@@ -86,7 +87,7 @@ redis.call('PUBLISH', KEYS[1], id .. '\\n' .. ARGV[2])
 return id
 """
 MODES = ("paced", "flat")
-#: As trio_ws/redis_broker.py: most entries per XREAD and per publishing pipeline, XREAD's block.
+#: As trio_ws/brokers/redis.py: most entries per XREAD and per publishing pipeline, XREAD's block.
 BATCH = 500
 BLOCK_MS = 1000
 STREAM_MAXLEN = 10_000
@@ -263,8 +264,8 @@ async def read_stream(client: coredis.Redis[str], key: str, tracker: Tracker) ->
 
 
 async def read_pubsub(client: coredis.Redis[str], key: str, tracker: Tracker) -> None:
-    """The pubsub+stream transport's reader: the pattern of shared/notes/redis.md (a loop on
-    get_message, no coredis retry, an own reconnect loop that replays the gap from the stream)."""
+    """The pubsub+stream transport's reader, the robust way (docs/design/redis.md): a loop on
+    get_message, no coredis retry, an own reconnect loop that replays the gap from the stream."""
     last: tuple[int, int] | None = None
     last_id = ""
     delay = 0.05
