@@ -63,6 +63,8 @@ class ServerKind:
     name: str
     argv: Callable[[int], list[str]]
     env: dict[str, str]
+    #: The server's working directory (``python -m`` imports from it first); None: this tree.
+    cwd: Path | None = None
 
 
 def _hypercorn(port: int, peer: str) -> list[str]:
@@ -248,7 +250,7 @@ def running(kind: ServerKind) -> Iterator[Server]:
     }
     process = subprocess.Popen(
         kind.argv(port),
-        cwd=ROOT,
+        cwd=kind.cwd or ROOT,
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
