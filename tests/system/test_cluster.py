@@ -12,7 +12,12 @@ from typing import Any
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    connect_websocket_url,
+    open_websocket_url,
+)
 
 from tests.procutil import LAUNCHER, ServerProcess, hypercorn, running
 from tests.redisutil import RedisServer, redis_server
@@ -204,19 +209,28 @@ async def test_two_hypercorn_workers_share_broadcasts_and_drain_independently(
         pids = await worker_pids(server, 2)
         assert len(pids) == 2
         async with AsyncExitStack() as stack:
-            # Connect until both workers have two clients (the kernel picks the worker).
+            # Connect until both workers have two clients. The kernel picks the worker, and
+            # one idle worker can win every accept of sequential connects: connect in rounds
+            # of several at once, so that the other worker takes some while one is busy.
             by_worker: dict[str, list[Client]] = {instance: [] for instance in pids}
             opened = 0
-            while min(len(group) for group in by_worker.values()) < 2:
-                assert opened < 400, f"the kernel sent everything to one worker: {by_worker}"
-                ws = await stack.enter_async_context(open_websocket_url(f"{url}/c{opened}"))
-                client = Client(f"c{opened}", ws, await next_frame(ws))
-                opened += 1
+
+            async def connect(name: str) -> None:
+                ws = await connect_websocket_url(nursery, f"{url}/{name}")
+                stack.push_async_callback(ws.aclose)
+                client = Client(name, ws, await next_frame(ws))
                 if len(by_worker[client.welcome["instance"]]) < 2:
                     by_worker[client.welcome["instance"]].append(client)
                     nursery.start_soon(client.collect)
                 else:
                     await ws.aclose()
+
+            while min(len(group) for group in by_worker.values()) < 2:
+                assert opened < 200, f"the kernel sent everything to one worker: {by_worker}"
+                async with trio.open_nursery() as round_:
+                    for _ in range(8):
+                        round_.start_soon(connect, f"c{opened}")
+                        opened += 1
             (a, a_clients), (b, b_clients) = by_worker.items()
             everyone = a_clients + b_clients
             sent = []
