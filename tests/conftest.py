@@ -17,8 +17,11 @@ StartServer = Callable[..., Awaitable[RunningServer]]
 
 @pytest.fixture
 def settings() -> Settings:
-    # Periodic messages off unless a test asks for them, so frame sequences are predictable.
-    return Settings(port=0, broadcast_interval=0, ping_interval=0, log_level="DEBUG")
+    # Periodic and presence frames off unless a test asks for them: frame sequences are
+    # predictable.
+    return Settings(
+        port=0, broadcast_interval=0, presence_interval=0, ping_interval=0, log_level="DEBUG"
+    )
 
 
 @pytest.fixture

@@ -91,6 +91,8 @@ def describe(frame: dict[str, Any]) -> str | None:
             return f"message {frame['id']} from {frame['from']}: {frame['text']}"
         if kind == "periodic":
             return f"periodic {frame['id']}: {frame['active_connections']} connected"
+        if kind == "presence":
+            return f"presence: {frame['active_connections']} connected"
         if kind == "shutdown":
             return f"SHUTDOWN WARNING: {frame['reason']} (forced close in {frame['seconds_left']}s)"
     except KeyError:

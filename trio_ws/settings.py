@@ -38,6 +38,9 @@ class Settings:
     drain_timeout: float = 1800.0
     #: How often the server sends its ``periodic`` frame; 0 turns it off.
     broadcast_interval: float = 10.0
+    #: Most often clients are told that the connection count changed (a ``presence`` frame);
+    #: 0 turns it off.
+    presence_interval: float = 1.0
     #: How often the drain logs its progress.
     progress_interval: float = 10.0
     #: Largest text frame a client may send; larger ones are closed with 1009.
@@ -72,6 +75,12 @@ class Settings:
             "broadcast_interval",
             self.broadcast_interval,
             "seconds >= 0 (0 turns it off)",
+        )
+        _check(
+            self.presence_interval == 0 or self.presence_interval >= 0.1,
+            "presence_interval",
+            self.presence_interval,
+            "seconds >= 0.1, or 0 (off)",
         )
         _check(
             self.progress_interval >= 0.1,
@@ -159,6 +168,7 @@ class Settings:
             f"drain_timeout={self.drain_timeout:g}s "
             f"broadcast_interval={self.broadcast_interval:g}s "
             f"progress_interval={self.progress_interval:g}s "
+            f"presence_interval={self.presence_interval:g}s "
             f"max_message_size={self.max_message_size} queue_size={self.queue_size} "
             f"outbox_bytes={self.outbox_bytes} "
             f"ping_interval={self.ping_interval:g}s stall_timeout={self.stall_timeout:g}s "
@@ -210,6 +220,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "drain_timeout": _number,
     "broadcast_interval": _number,
     "progress_interval": _number,
+    "presence_interval": _number,
     "max_message_size": int,
     "queue_size": int,
     "outbox_bytes": int,

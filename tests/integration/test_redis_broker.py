@@ -30,7 +30,9 @@ async def redis(tmp_path: Any) -> AsyncIterator[RedisServer]:
 
 
 def make_hub(redis: RedisServer, name: str, **broker_options: Any) -> Hub:
-    settings = Settings(queue_size=100_000, broadcast_interval=0, redis_url=redis.url)
+    settings = Settings(
+        queue_size=100_000, broadcast_interval=0, presence_interval=0, redis_url=redis.url
+    )
     broker = RedisBroker(redis.url, **broker_options)
     return Hub(settings, broker=broker, instance_id=name)
 

@@ -123,7 +123,9 @@ async def test_the_app_itself_enforces_the_size_in_bytes() -> None:
     from trio_ws.hosting.modes import RunMode
     from trio_ws.settings import Settings
 
-    app = create_app(Settings(max_message_size=1024), run_mode=RunMode.EMBEDDED)
+    app = create_app(
+        Settings(max_message_size=1024, presence_interval=0), run_mode=RunMode.EMBEDDED
+    )
     async with app.test_app() as test_app:
         client = test_app.test_client()
         async with client.websocket("/ws/multibyte") as ws:

@@ -299,6 +299,23 @@ def test_backoff_is_full_jitter_with_a_cap_doubling_from_half_a_second_to_20(
         assert 1.8 < sum(delays) / len(delays) < 2.2  # uniform on [0, 4): mean 2
 
 
+def test_the_count_follows_joins_and_leaves_without_the_periodic_frame(
+    open_page: OpenPage,
+) -> None:
+    """With the periodic frame off, the count still changes within about a second of a join or
+    a leave (``presence`` frames), and a page that has not connected says how to."""
+    with live.server(env={"TRIO_WS_BROADCAST_INTERVAL": "0"}) as server:
+        idle = open_page(server.base_url + "/")
+        expect(idle.locator("#status")).to_have_text("disconnected (press Connect)")
+        alice = open_page(server.base_url + "/?id=alice&connect")
+        expect(alice.locator("#count")).to_have_text("1", timeout=FAST_MS)
+        bob = open_page(server.base_url + "/?id=bob&connect")
+        expect(alice.locator("#count")).to_have_text("2", timeout=3000)
+        bob.click("#disconnect")
+        expect(alice.locator("#count")).to_have_text("1", timeout=3000)
+        assert alice.locator("#log .t-periodic").count() == 0
+
+
 def test_page_shows_string_ids_and_the_instance_as_given(open_page: OpenPage) -> None:
     """Message ids are opaque (a broker may make them strings); the welcome may name the
     server instance. Frames handed to the page's own frame handler."""

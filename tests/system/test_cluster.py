@@ -35,6 +35,7 @@ def cluster_env(redis: RedisServer, **extra: str) -> dict[str, str]:
     return {
         "TRIO_WS_REDIS_URL": redis.url,
         "TRIO_WS_BROADCAST_INTERVAL": "0",
+        "TRIO_WS_PRESENCE_INTERVAL": "0",
         "TRIO_WS_LOG_LEVEL": "INFO",
         **extra,
     }

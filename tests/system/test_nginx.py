@@ -97,7 +97,11 @@ async def test_messages_flow_both_ways_through_nginx(tmp_path: Path) -> None:
 async def test_drain_reaches_clients_through_nginx(tmp_path: Path) -> None:
     """SIGTERM: the warning and, at the deadline, 1001 pass through nginx; during the drain a new
     connection through nginx gets 1001 and ``/ready`` answers 503."""
-    env = {"TRIO_WS_DRAIN_TIMEOUT": "2", "TRIO_WS_BROADCAST_INTERVAL": "0"}
+    env = {
+        "TRIO_WS_DRAIN_TIMEOUT": "2",
+        "TRIO_WS_BROADCAST_INTERVAL": "0",
+        "TRIO_WS_PRESENCE_INTERVAL": "0",
+    }
     async with (
         running(LAUNCHER, env) as server,
         nginx_in_front(tmp_path, [port_of(await server.base_url())]) as proxy,
@@ -161,7 +165,11 @@ READ_TIMEOUT_S = 2.0
 
 async def test_pings_keep_an_idle_client_through_nginx_read_timeout(tmp_path: Path) -> None:
     """With ``proxy_read_timeout 2s`` and pings every second, an idle client outlives 2 x 2 s."""
-    env = {"TRIO_WS_PING_INTERVAL": "1", "TRIO_WS_BROADCAST_INTERVAL": "0"}
+    env = {
+        "TRIO_WS_PING_INTERVAL": "1",
+        "TRIO_WS_BROADCAST_INTERVAL": "0",
+        "TRIO_WS_PRESENCE_INTERVAL": "0",
+    }
     async with running(LAUNCHER, env) as server:
         assert (
             await idle_through_nginx(server, tmp_path, READ_TIMEOUT_S, 2 * READ_TIMEOUT_S) is None
@@ -171,7 +179,11 @@ async def test_pings_keep_an_idle_client_through_nginx_read_timeout(tmp_path: Pa
 async def test_without_pings_nginx_cuts_the_idle_client(tmp_path: Path) -> None:
     """The control: the same client, pings off, is cut by nginx after ``proxy_read_timeout``
     (so the test above measures the pings, not a lenient proxy)."""
-    env = {"TRIO_WS_PING_INTERVAL": "0", "TRIO_WS_BROADCAST_INTERVAL": "0"}
+    env = {
+        "TRIO_WS_PING_INTERVAL": "0",
+        "TRIO_WS_BROADCAST_INTERVAL": "0",
+        "TRIO_WS_PRESENCE_INTERVAL": "0",
+    }
     async with running(LAUNCHER, env) as server:
         cut_after = await idle_through_nginx(server, tmp_path, READ_TIMEOUT_S, 2 * READ_TIMEOUT_S)
         assert cut_after is not None

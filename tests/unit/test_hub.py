@@ -26,6 +26,7 @@ def frames(conn: Connection) -> list[dict[str, Any]]:
 
 
 def make_hub(**changes: Any) -> Hub:
+    changes.setdefault("presence_interval", 0)  # its own tests turn it on
     return Hub(
         Settings(**changes),
         broker=LocalBroker(lambda: 1_000.0),
@@ -264,7 +265,9 @@ async def test_a_resume_replays_more_than_a_few_seconds_of_broadcasts(
 ) -> None:
     """At 50 messages a second a storm's gap is many hundreds of broadcasts: the replay is
     bounded in bytes, not in a count that is seconds long."""
-    hub = Hub(Settings(), broker=LocalBroker(history_size=5000), instance_id="i1")
+    hub = Hub(
+        Settings(presence_interval=0), broker=LocalBroker(history_size=5000), instance_id="i1"
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(hub.run)
         sender = hub.connect("sender", "p")
@@ -302,3 +305,33 @@ async def test_the_drain_report_counts_slow_consumers_apart(
         "2 connections at start: 1 left by themselves, 1 closed as slow (4008), "
         "0 closed at the deadline (1001), 0 closed for other reasons" in caplog.text
     )
+
+
+async def test_presence_tells_clients_the_count_at_most_once_a_second(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Joins and leaves reach every client as a ``presence`` frame, coalesced: a storm of
+    arrivals costs each client one frame per interval, not one per arrival; never in the
+    history (no id)."""
+    hub = make_hub(presence_interval=1)
+    watcher = hub.connect("watcher", "p")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [f["type"] for f in frames(watcher)] == ["welcome", "presence"]
+        storm = [hub.connect(f"c{i}", "p") for i in range(100)]
+        await trio.sleep(0.5)
+        assert frames(watcher) == []  # within the interval: nothing yet
+        await trio.sleep(0.6)
+        assert [(f["type"], f["active_connections"]) for f in frames(watcher)] == [
+            ("presence", 101)
+        ]
+        for conn in storm:
+            hub.disconnect(conn)
+        await trio.sleep(1.1)
+        presence = frames(watcher)
+        assert [(f["type"], f["active_connections"]) for f in presence] == [("presence", 1)]
+        assert "id" not in presence[0]
+        await trio.sleep(5)
+        assert frames(watcher) == []  # no change, no frame
+        nursery.cancel_scope.cancel()

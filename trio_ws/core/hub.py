@@ -67,6 +67,9 @@ class Hub:
         self._wall_clock = wall_clock
         self.messages_broadcast = 0
         self._attempts = 0
+        #: Set when the connection count changed; the presence task announces it, coalesced.
+        self._presence_changed = trio.Event()
+        self._presence_announced: int | None = None
         self.started_wall = wall_clock()
 
     # -- state ---------------------------------------------------------------------------------
@@ -146,6 +149,7 @@ class Hub:
         previous = self.registry.add(connection)
         if not resuming:
             connection.offer(self._welcome(connection))
+        self._presence_changed.set()
         if previous is not None:
             previous.request_close(CloseCode.REPLACED, "replaced by a newer connection")
             LOGGER.info(
@@ -227,6 +231,7 @@ class Hub:
         """Forget ``connection`` (idempotent); called however the connection ended."""
         if not self.registry.remove(connection):
             return
+        self._presence_changed.set()
         if self.drain.requested:
             self.drain.note_gone(connection, len(self.registry))
             return
@@ -319,6 +324,7 @@ class Hub:
             periodic = trio.CancelScope()
             nursery.start_soon(self._broadcast_periodically, periodic)
             nursery.start_soon(self._watch_drain, periodic)
+            nursery.start_soon(self._announce_presence)
             task_status.started()
             await self.drain.wait_stopped()
             await self.broker.leave()
@@ -338,6 +344,24 @@ class Hub:
                 if await self.broker.claim_periodic(slot, interval):
                     await self.broadcast_periodic()
                 next_at += interval
+
+    async def _announce_presence(self) -> None:
+        """Tell this process's clients the connection count when it changes, at most once per
+        ``presence_interval``: a reconnect storm of thousands of clients costs each client one
+        frame a second, not one per arrival. Local only (no broker, no history): the count is
+        the cluster's as this process sees it."""
+        interval = self.settings.presence_interval
+        if interval <= 0:
+            return
+        while True:
+            await self._presence_changed.wait()
+            self._presence_changed = trio.Event()
+            count = self.cluster_connections()
+            if count != self._presence_announced:
+                self._presence_announced = count
+                frame = protocol.presence_frame(active_connections=count, ts=self._wall_clock())
+                self.registry.broadcast(Frame(frame))
+            await trio.sleep(interval)
 
     async def _watch_drain(self, periodic: trio.CancelScope) -> None:
         await self.drain.wait_requested()

@@ -173,6 +173,12 @@ def periodic_frame(*, message_id: str | None, active_connections: int, ts: float
     )
 
 
+def presence_frame(*, active_connections: int, ts: float) -> str:
+    """The connection count changed: sent to this process's clients only, without an id (it is
+    not a broadcast: no history, no broker), at most once per presence interval."""
+    return _encode({"type": "presence", "active_connections": active_connections, "ts": ts})
+
+
 def shutdown_frame(*, reason: str, seconds_left: float, ts: float) -> str:
     return _encode(
         {"type": "shutdown", "reason": reason, "seconds_left": round(seconds_left, 3), "ts": ts}

@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--port", type=int, help="TCP port (default 8000; 0 picks a free one)")
     add("--drain-timeout", type=float, metavar="S", help="drain deadline in seconds (1800)")
     add("--broadcast-interval", type=float, metavar="S", help="periodic message, 0=off (10)")
+    add(
+        "--presence-interval",
+        type=float,
+        metavar="S",
+        help="count updates at most every S, 0=off (1)",
+    )
     add("--progress-interval", type=float, metavar="S", help="drain progress log interval (10)")
     add("--max-message-size", type=int, metavar="BYTES", help="largest client frame (65536)")
     add("--queue-size", type=int, metavar="N", help="frames queued per client before 4008 (4096)")
