@@ -356,3 +356,18 @@ async def test_a_client_drained_off_one_instance_resumes_on_another_and_loses_no
             assert await old.wait_exit() == 0
         new.send(signal.SIGTERM)
         assert await new.wait_exit() == 0
+
+
+async def test_idle_hypercorn_workers_leave_the_cluster_when_the_parent_stops(
+    redis: RedisServer,
+) -> None:
+    """Quart cancels the app's tasks when its lifespan ends: the lifespan waits for the hub to
+    finish, leaving the cluster included, so no stale instance stays counted."""
+    async with running(hypercorn("--workers", "2"), cluster_env(redis)) as server:
+        await worker_pids(server, 2)
+        await trio.sleep(3)  # past a heartbeat or two, as a server that has been up a while
+        server.send(signal.SIGTERM)
+        assert await server.wait_exit(timeout=20) == 0
+    assert server.count(r"trio_ws\.brokers\.redis: broker: instance \w+ left the cluster") == 2
+    assert server.count(r"could not leave the cluster") == 0
+    assert server.count(r"lifespan shutdown before a drain") == 0

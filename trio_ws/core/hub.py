@@ -67,6 +67,7 @@ class Hub:
         self._wall_clock = wall_clock
         self.messages_broadcast = 0
         self._attempts = 0
+        self._finished = trio.Event()
         #: Set when the connection count changed; the presence task announces it, coalesced.
         self._presence_changed = trio.Event()
         self._presence_announced: int | None = None
@@ -310,6 +311,11 @@ class Hub:
         """Return once the drain is over (every client gone or closed)."""
         await self.drain.wait_stopped()
 
+    async def wait_finished(self) -> None:
+        """Return once :meth:`run` is done: the drain is over and the broker has left the
+        cluster. A host that cancels the hub's tasks earlier cuts the leaving short."""
+        await self._finished.wait()
+
     # -- the tasks -----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -328,6 +334,7 @@ class Hub:
             task_status.started()
             await self.drain.wait_stopped()
             await self.broker.leave()
+            self._finished.set()
             nursery.cancel_scope.cancel()
 
     async def _broadcast_periodically(self, scope: trio.CancelScope) -> None:

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
+#: How long the lifespan's shutdown waits for the broker to leave the cluster (a Redis command).
+LEAVE_TIMEOUT_S = 5.0
+
 
 def create_broker(settings: Settings) -> Broker:
     """The broker the settings ask for: Redis with ``redis_url``, else in-process."""
@@ -114,9 +117,16 @@ async def _lifespan(
         app.nursery.start_soon(hypercorn_cli.own_signals, hub, mode)
         app.nursery.start_soon(signals.exit_watchdog, hub.drain, signals.exit_watchdog_s(settings))
     yield
-    # Lifespan shutdown: normally the drain is long over. A host that shuts down without one
-    # (an embedding test, a custom runner) still gets every client closed with 1001.
-    if not hub.drain.stopped:
+    # Lifespan shutdown: normally the drain is long over. Under Hypercorn's command line an idle
+    # worker can get here before its own watcher starts the drain (both poll the parent's
+    # shutdown event): with nobody connected that drain is just quick. A host that shuts down
+    # with clients and without a drain (an embedding test, a custom runner) still gets every
+    # client closed with 1001.
+    if not hub.drain.requested and len(hub.registry) == 0:
+        hub.request_drain("lifespan shutdown")
+    elif not hub.drain.stopped:
         hub.force_close("lifespan shutdown before a drain")
-        with trio.move_on_after(CLOSE_GRACE_S):
-            await hub.wait_stopped()
+    # Then wait for the hub to finish, leaving the cluster included: Quart cancels the app's
+    # tasks (the broker's among them) as soon as this returns.
+    with trio.move_on_after(CLOSE_GRACE_S + LEAVE_TIMEOUT_S):
+        await hub.wait_finished()
