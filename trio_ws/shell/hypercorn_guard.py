@@ -70,6 +70,7 @@ def install() -> None:
             _log_contained(peer, group)
 
     setattr(run, _MARK, True)
+    run.__wrapped__ = original  # type: ignore[attr-defined]  # what check() reads
     TCPServer.run = run  # type: ignore[method-assign]
 
 
@@ -79,6 +80,7 @@ def check() -> str | None:
     if installed not in VERIFIED_HYPERCORN:
         return f"Hypercorn {installed} is not a verified release"
     run = getattr(TCPServer, "run", None)
+    run = getattr(run, "__wrapped__", run)  # installed already: check Hypercorn's own
     if not inspect.iscoroutinefunction(run):
         return "hypercorn.trio.tcp_server.TCPServer.run is gone"
     missing = [name for name in _EXPECTED_NAMES if name not in run.__code__.co_names]
