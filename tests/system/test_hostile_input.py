@@ -20,6 +20,7 @@ import trio
 
 from tests.hostile import (
     BINARY,
+    CLOSE,
     TEXT,
     assert_still_served,
     bystander,
@@ -174,3 +175,27 @@ async def test_trio_ws_never_accepts_a_subprotocol() -> None:
         sock.close()
         assert response.startswith(b"HTTP/1.1 101")
         assert b"sec-websocket-protocol" not in response.lower()
+
+
+async def test_a_frame_sent_with_the_handshake_ends_only_that_connection() -> None:
+    """Found by the frame fuzzer: a client that sends its first frame in the same segment as its
+    handshake (RFC 6455 says to wait for the 101) makes h11 raise LocalProtocolError, or, when
+    Hypercorn's first ping races its close of the socket, trio raises BusyResourceError."""
+    async with running(LAUNCHER, ENV) as server:
+        url = await server.ws_url()
+        host, port = host_port(url)
+        async with bystander(url) as ws:
+            sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            await sock.connect((host, port))
+            key = base64.b64encode(os.urandom(16)).decode()
+            handshake = (
+                f"GET /ws/eager HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+            await sock.send(handshake + client_frame(CLOSE, b"\x03\xe8"))
+            await wait_closed(sock)
+            sock.close()
+            await assert_still_served(server, url, ws)
+        error = (await server.wait_for_line(CONTAINED)).group(1)
+        assert error in {"LocalProtocolError", "BusyResourceError"}
