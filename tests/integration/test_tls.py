@@ -60,3 +60,19 @@ async def test_wss_and_https(start_server: StartServer, certificate: tuple[str, 
     async with stream:
         await stream.send_all(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert (await stream.receive_some()).startswith(b"HTTP/1.1 200")
+
+
+async def test_tls_offers_only_http_1_1(
+    start_server: StartServer, certificate: tuple[str, str]
+) -> None:
+    """A client offering h2 first gets HTTP/1.1: no HTTP/2, so no WebSockets over HTTP/2, over
+    TLS (docs/design/hypercorn.md, "HTTP/2")."""
+    cert, key = certificate
+    server = await start_server(certfile=cert, keyfile=key)
+    context = ssl.create_default_context(cafile=cert)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    host, port = server.binds[0].split("://")[1].rsplit(":", 1)
+    stream = await trio.open_ssl_over_tcp_stream(host, int(port), ssl_context=context)
+    async with stream:
+        await stream.do_handshake()
+        assert stream.selected_alpn_protocol() == "http/1.1"

@@ -29,6 +29,10 @@ LOGGER = logging.getLogger(__name__)
 GRACE_MARGIN_S = CLOSE_GRACE_S + 10.0
 
 
+#: The only application protocol offered in a TLS handshake.
+HTTP_ALPN = ("http/1.1",)
+
+
 class RunMode(enum.Enum):
     LAUNCHER = "launcher"
     HYPERCORN_INPROCESS = "hypercorn-inprocess"
@@ -49,6 +53,10 @@ def configure_hypercorn(config: Config, settings: Settings, *, graceful_timeout_
     # This bounds what Hypercorn buffers of one message (16 MiB by default); the app closes
     # anything over max_message_size itself.
     config.websocket_max_message_size = settings.transport_max_message_size
+    # No HTTP/2 over TLS (ALPN offers only HTTP/1.1): browsers then open their WebSockets over
+    # HTTP/1.1, where the direct writer works, and never reach Hypercorn's HTTP/2 code. Cleartext
+    # HTTP/2 cannot be turned off in Hypercorn; docs/design/hypercorn.md, "HTTP/2".
+    config.alpn_protocols = list(HTTP_ALPN)
 
 
 def log_startup(mode: RunMode, settings: Settings, *, version: str, workers: int) -> None:

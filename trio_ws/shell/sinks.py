@@ -9,10 +9,11 @@
 * :class:`AsgiSink` sends through the ASGI ``send`` callable: slower, and the fallback wherever
   the direct path is not available (WebSockets over HTTP/2, a Hypercorn whose internals differ).
 
-This module is the only place that touches private attributes of Hypercorn. They are checked
-once at start-up (:func:`check_direct_path`), and again for each connection on the way in;
-anything unexpected falls back to :class:`AsgiSink` with one log line. Tests assert which path
-ran (``Connection.writer``). docs/design/write-path.md explains why Hypercorn's own frames can
+This module and :mod:`trio_ws.shell.hypercorn_guard` are the only places that touch private
+attributes of Hypercorn. Those used here are checked once at start-up
+(:func:`check_direct_path`), and again for each connection on the way in; anything unexpected
+falls back to :class:`AsgiSink` with one log line. Tests assert which path ran
+(``Connection.writer``). docs/design/write-path.md explains why Hypercorn's own frames can
 never land inside one of ours.
 """
 

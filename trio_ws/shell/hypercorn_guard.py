@@ -1,0 +1,124 @@
+"""Keep an error inside Hypercorn to the connection that raised it.
+
+Hypercorn runs each connection in ``TCPServer.run``, a task of the server's own nursery. An
+exception from that connection's protocol code escapes the nursery and stops the whole server:
+every client is dropped without a drain, the launcher exits 1, and under Hypercorn's command
+line the parent stops every worker. Inputs that do it with Hypercorn 0.18.0 (tests in
+tests/system/test_hostile_input.py):
+
+* a text message over ``websocket_max_message_size``, then a binary one: the message buffer is
+  never cleared after Hypercorn's 1009 and gets bytes while holding text (``TypeError``);
+* over HTTP/2, a DATA frame on a stream Hypercorn has finished (``KeyError``,
+  pgjones/hypercorn#329);
+* an app accepting a subprotocol the client did not offer (``AttributeError``; trio_ws never
+  accepts one).
+
+The general bug is pgjones/hypercorn#225. :func:`install` wraps ``TCPServer.run`` so that an
+``Exception`` ends only its own connection: by the time it reaches the wrapper, Hypercorn's own
+``finally`` has closed the connection's socket and its task group has cancelled the
+connection's other tasks (the app's handler, which then disconnects the client from the hub).
+The wrapper logs one line and returns. Cancellation and ``KeyboardInterrupt`` pass through.
+
+It fails closed: for a Hypercorn release not checked here, or a ``TCPServer.run`` that is not
+the one checked, :func:`install` raises :class:`HypercornGuardError` and the server does not
+start (docs/design/hypercorn.md, "Errors inside Hypercorn").
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import traceback
+from importlib.metadata import version
+from typing import Any
+
+from hypercorn.trio.tcp_server import TCPServer
+
+LOGGER = logging.getLogger(__name__)
+
+#: Hypercorn releases whose ``TCPServer.run`` was read and whose crashes were reproduced.
+VERIFIED_HYPERCORN = ("0.18.0",)
+#: What ``TCPServer.run`` must still do for the wrapper to be right: run the connection in its
+#: own task group and close the stream in its ``finally``.
+_EXPECTED_NAMES = ("TaskGroup", "ProtocolWrapper", "_read_data", "_close", "stream")
+_MARK = "_trio_ws_guarded"
+
+
+class HypercornGuardError(RuntimeError):
+    """The installed Hypercorn is not the one the guard was checked against."""
+
+
+def install() -> None:
+    """Wrap ``TCPServer.run`` (once per process); raise :class:`HypercornGuardError` if unsafe."""
+    original = TCPServer.run
+    if getattr(original, _MARK, False):
+        return
+    problem = check()
+    if problem is not None:
+        raise HypercornGuardError(
+            f"{problem}: refusing to run without the guard that keeps one connection's error "
+            "from stopping the server (pgjones/hypercorn#225); install a verified Hypercorn "
+            f"{', '.join(VERIFIED_HYPERCORN)}"
+        )
+
+    async def run(self: TCPServer) -> None:
+        peer = _peer(self)
+        try:
+            await original(self)
+        except* Exception as group:
+            _log_contained(peer, group)
+
+    setattr(run, _MARK, True)
+    run.__wrapped__ = original  # type: ignore[attr-defined]  # what check() reads
+    TCPServer.run = run  # type: ignore[method-assign]
+
+
+def check() -> str | None:
+    """Why the guard cannot be installed on this Hypercorn, or None if it can."""
+    installed = version("hypercorn")
+    if installed not in VERIFIED_HYPERCORN:
+        return f"Hypercorn {installed} is not a verified release"
+    run = getattr(TCPServer, "run", None)
+    run = getattr(run, "__wrapped__", run)  # installed already: check Hypercorn's own
+    if not inspect.iscoroutinefunction(run):
+        return "hypercorn.trio.tcp_server.TCPServer.run is gone"
+    missing = [name for name in _EXPECTED_NAMES if name not in run.__code__.co_names]
+    if missing:
+        return f"TCPServer.run no longer uses {', '.join(missing)}"
+    return None
+
+
+def _peer(server: Any) -> str:
+    # Read before the connection runs: once Hypercorn has closed the socket it has no peer.
+    stream = server.stream
+    sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
+    try:
+        host, port = sock.getpeername()[:2]  # type: ignore[union-attr]
+    except (AttributeError, OSError, TypeError, ValueError):
+        return "<unknown>"
+    return f"{host}:{port}"
+
+
+def _log_contained(peer: str, group: BaseExceptionGroup[Exception]) -> None:
+    """One line: the exception types and where the first was raised, never its message (which
+    may hold the client's bytes)."""
+    leaves = _leaves(group)
+    where = "?"
+    frames = traceback.extract_tb(leaves[0].__traceback__) if leaves else []
+    if frames:
+        last = frames[-1]
+        where = f"{os.path.basename(last.filename)}:{last.lineno} {last.name}"
+    LOGGER.error(
+        "connection from %s ended by an error inside Hypercorn (%s at %s): connection closed, "
+        "the server goes on (pgjones/hypercorn#225)",
+        peer,
+        ", ".join(sorted({type(error).__name__ for error in leaves})),
+        where,
+    )
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
