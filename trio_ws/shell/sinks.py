@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 #: Hypercorn releases whose internals the direct path was checked against.
-CHECKED_HYPERCORN = ("0.17.", "0.18.")
+CHECKED_HYPERCORN = ("0.18.",)
 
 _TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
