@@ -2,11 +2,13 @@
 
     python bench/compare_commits.py --old-tree ../bench-old            # fanout100 fanout1000, 5x
     python bench/compare_commits.py --old-tree ../bench-old --reps 7 --scenarios fanout100
+    python bench/compare_commits.py --old-tree ../bench-old --scenarios handshakes idle5000
 
 Each side is a checkout with its own virtualenv (``<tree>/.venv``, the package installed in it
 editable): its server runs as ``<tree>/.venv/bin/python -m trio_ws`` with ``<tree>`` as its working
-directory, so it imports that tree's code. The load generator, the publisher and the figures are
-bench/run.py's from *this* tree, the same for both sides.
+directory, so it imports that tree's code. The load generator, the publisher, the scenarios and
+the figures are bench/run.py's from *this* tree, the same for both sides: the old tree's bench/
+is never run, so a scenario added since the old commit (``handshakes``) measures it all the same.
 
 The runs alternate old, new, old, new... (repetition outermost, then scenario, then side) so that
 both sides share the machine's noise. Before each run the machine's CPU use by others is sampled
@@ -16,7 +18,8 @@ machine used (``/proc/stat``) less what this driver and its children (the server
 used: ``others_busy_cores``, the other work that shared the machine with the run. A pair (old and
 new of one repetition and scenario) with a run above ``--max-others``, or that lost messages, is
 kept in the log as rejected and run again, up to ``--retries`` times; after that the last pair is
-accepted and marked ``noisy``. ``/proc/loadavg`` before and after each run is logged too.
+accepted and marked ``noisy`` (a failed handshake counts as a loss). ``/proc/loadavg`` before
+and after each run is logged too.
 
 Each figure is the median of the accepted repetitions, with min and max, and ``new_vs_old``
 gives new/old of the medians and the median of the paired ratios (each new run against the old
@@ -42,16 +45,32 @@ sys.path.insert(0, str(ROOT))
 
 from bench.run import SCENARIOS, SERVERS, ServerKind, aggregate  # noqa: E402
 
-#: bench/run.py's scenarios of one server that report deliveries, latency and losses.
-DELIVERY_SCENARIOS = ["fanout100", "fanout1000", "rate1000x20"]
-
 #: The figures compared old against new (the snapshot keeps every figure of every run).
-COMPARED = [
+DELIVERY_FIGURES = [
     "server_cpu_us_per_delivery",
     "latency_p50_ms",
     "latency_p99_ms",
     "deliveries_per_s",
 ]
+
+#: bench/run.py's scenarios of one server that this driver compares, and their figures.
+COMPARED = {
+    "fanout100": DELIVERY_FIGURES,
+    "fanout1000": DELIVERY_FIGURES,
+    "rate1000x20": DELIVERY_FIGURES,
+    "idle5000": ["rss_kb_per_connection", "connect_p50_ms", "connect_p99_ms"],
+    "handshakes": [
+        "handshakes_per_s",
+        "server_cpu_us_per_handshake",
+        "handshake_p50_ms",
+        "handshake_p99_ms",
+    ],
+}
+
+
+def failures(figures: dict[str, Any]) -> int:
+    """Messages lost (delivery scenarios) plus handshakes failed (``handshakes``)."""
+    return int(figures.get("lost") or 0) + int(figures.get("failed") or 0)
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,7 @@ class Side:
             lambda port: [str(self.python), "-m", "trio_ws", "--port", str(port)],
             base.env,
             cwd=self.tree,
+            welcome=base.welcome,
         )
 
     def describe(self) -> dict[str, str]:
@@ -169,7 +189,7 @@ def compare(
     out: dict[str, dict[str, Any]] = {}
     for scenario, sides in runs.items():
         out[scenario] = {}
-        for key in COMPARED:
+        for key in COMPARED[scenario]:
             olds = [run[key] for run in sides[old]]
             news = [run[key] for run in sides[new]]
             out[scenario][key] = {
@@ -183,18 +203,19 @@ def compare(
 
 def print_table(summary: dict[str, dict[str, dict[str, Any]]], ratios: dict[str, Any]) -> None:
     print()
-    print(f"{'scenario':11} {'side':5} " + " ".join(f"{key:>28}" for key in COMPARED))
     for scenario, sides in summary.items():
+        keys = COMPARED[scenario]
+        print(f"{scenario:11} {'side':5} " + " ".join(f"{key:>28}" for key in keys))
         for label, figures in sides.items():
             cells = [
                 f"{figures[key]['median']:g} ({figures[key]['min']:g}-{figures[key]['max']:g})"
-                for key in COMPARED
+                for key in keys
             ]
-            print(f"{scenario:11} {label:5} " + " ".join(f"{cell:>28}" for cell in cells))
+            print(f"{'':11} {label:5} " + " ".join(f"{cell:>28}" for cell in cells))
         cells = [
             f"{ratios[scenario][key]['ratio_of_medians']:.3f} "
             f"(paired {ratios[scenario][key]['median_paired_ratio']:.3f})"
-            for key in COMPARED
+            for key in keys
         ]
         print(f"{'':11} {'n/o':5} " + " ".join(f"{cell:>28}" for cell in cells))
     print()
@@ -210,7 +231,7 @@ def main() -> None:
         "--scenarios",
         nargs="+",
         default=["fanout100", "fanout1000"],
-        choices=DELIVERY_SCENARIOS,
+        choices=list(COMPARED),
     )
     parser.add_argument("--reps", type=int, default=5, help="runs of each side (at least 3)")
     parser.add_argument(
@@ -269,7 +290,7 @@ def main() -> None:
                         )
                     )
                 clean = all(
-                    e["others_busy_cores"] <= args.max_others and e["lost"] == 0 for _, e in pair
+                    e["others_busy_cores"] <= args.max_others and failures(e) == 0 for _, e in pair
                 )
                 last = attempt == args.retries
                 for _, entry in pair:
@@ -283,8 +304,7 @@ def main() -> None:
                             for key in [
                                 "background_busy_cores",
                                 "others_busy_cores",
-                                *COMPARED,
-                                "lost",
+                                *COMPARED[scenario],
                                 "accepted",
                             ]
                         ),

@@ -9,6 +9,11 @@ pings off, so there is nothing to answer.
 Receivers run as separate processes (``python bench/loadgen.py receive ...``), each holding many
 connections on one ``selectors`` loop, and report JSON on stdout: how many markers each
 connection got, lost and duplicated counts, a latency sample, and their own CPU time.
+
+``python bench/loadgen.py handshake ...`` is the other kind of load: ``--connections`` clients
+(threads), each in a closed loop for ``--seconds``: upgrade, 101, the welcome frame (unless
+``--no-welcome``, for servers that send none), a close frame, the server's close frame, and
+again on a new socket.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import resource
 import selectors
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -204,6 +210,106 @@ class Publisher:
         self.sock.close()
 
 
+#: A masked client close frame, code 1000 (normal closure), zero mask key.
+CLOSE_FRAME = bytes([0x88, 0x82, 0, 0, 0, 0]) + (1000).to_bytes(2, "big")
+OP_CLOSE = 0x8
+
+
+def read_frame(sock: socket.socket, buffer: bytes) -> tuple[int, bytes]:
+    """The opcode of the next (unmasked, server) frame, and the bytes read past it."""
+    while True:
+        if len(buffer) >= 2:
+            length = buffer[1] & 0x7F
+            offset = 2
+            if length == 126:
+                offset = 4
+                length = int.from_bytes(buffer[2:4], "big") if len(buffer) >= 4 else -1
+            elif length == 127:
+                offset = 10
+                length = int.from_bytes(buffer[2:10], "big") if len(buffer) >= 10 else -1
+            if length >= 0 and len(buffer) >= offset + length:
+                return buffer[0] & 0x0F, buffer[offset + length :]
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed by the server")
+        buffer += chunk
+
+
+@dataclass
+class HandshakeTally:
+    done: int = 0
+    failed: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    #: Upgrade request to welcome frame (to the 101 with ``--no-welcome``), in ns.
+    latencies_ns: list[int] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def handshake_loop(args: argparse.Namespace, deadline: float, tally: HandshakeTally) -> None:
+    """One client: connect, welcome, close, again, until ``deadline``."""
+    while time.monotonic() < deadline:
+        started = time.monotonic_ns()
+        try:
+            sock, rest = connect(args.host, args.port, args.path, timeout=args.timeout)
+            with sock:
+                opcode = 0
+                if args.welcome:
+                    opcode, rest = read_frame(sock, rest)
+                    if opcode != 0x1:
+                        raise ConnectionError(f"first frame has opcode {opcode}, not text")
+                greeted = time.monotonic_ns()
+                sock.sendall(CLOSE_FRAME)
+                try:
+                    while opcode != OP_CLOSE:
+                        opcode, rest = read_frame(sock, rest)
+                except ConnectionError:
+                    pass  # closed without a close frame: the connection is over all the same
+        except OSError as error:  # ConnectionError and TimeoutError included
+            with tally.lock:
+                tally.failed += 1
+                name = type(error).__name__
+                tally.errors[name] = tally.errors.get(name, 0) + 1
+            time.sleep(0.01)
+            continue
+        with tally.lock:
+            tally.done += 1
+            tally.latencies_ns.append(greeted - started)
+
+
+def handshake(args: argparse.Namespace) -> None:
+    """Subprocess: ``--connections`` clients in a closed loop of handshakes for ``--seconds``."""
+    tally = HandshakeTally()
+    cpu_start = cpu_seconds()
+    started = time.monotonic()
+    deadline = started + args.seconds
+    threads = [
+        threading.Thread(target=handshake_loop, args=(args, deadline, tally), daemon=True)
+        for _ in range(args.connections)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        # A handshake that started before the deadline ends within --timeout per step.
+        thread.join(timeout=args.seconds + 4 * args.timeout)
+    elapsed = time.monotonic() - started
+    latencies = sorted(tally.latencies_ns)
+    with tally.lock:
+        print(
+            json.dumps(
+                {
+                    "connections": args.connections,
+                    "handshakes": tally.done,
+                    "failed": tally.failed,
+                    "errors": tally.errors,
+                    "elapsed_s": elapsed,
+                    "cpu_s": cpu_seconds() - cpu_start,
+                    "latency_sample_ns": latencies[:: max(1, len(latencies) // 4000)],
+                }
+            ),
+            flush=True,
+        )
+
+
 def idle(args: argparse.Namespace) -> None:
     """Subprocess: open ``--connections`` idle connections, report handshake times, then hold
     them until stdin closes."""
@@ -223,7 +329,7 @@ def idle(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("receive", "idle"):
+    for name in ("receive", "idle", "handshake"):
         p = sub.add_parser(name)
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, required=True)
@@ -233,8 +339,12 @@ def main() -> None:
         if name == "receive":
             p.add_argument("--expect", type=int, required=True)
             p.add_argument("--timeout", type=float, default=120)
+        if name == "handshake":
+            p.add_argument("--seconds", type=float, default=8)
+            p.add_argument("--timeout", type=float, default=10, help="per socket operation")
+            p.add_argument("--welcome", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
-    {"receive": receive, "idle": idle}[args.command](args)
+    {"receive": receive, "idle": idle, "handshake": handshake}[args.command](args)
 
 
 def percentile(sorted_values: list[Any], fraction: float) -> Any:

@@ -65,6 +65,8 @@ class ServerKind:
     env: dict[str, str]
     #: The server's working directory (``python -m`` imports from it first); None: this tree.
     cwd: Path | None = None
+    #: Whether the server sends a frame on connect (trio_ws's welcome; the peers send none).
+    welcome: bool = False
 
 
 def _hypercorn(port: int, peer: str) -> list[str]:
@@ -93,6 +95,7 @@ SERVERS = {
             "TRIO_WS_LOG_LEVEL": "WARNING",
             "TRIO_WS_DRAIN_TIMEOUT": "0",
         },
+        welcome=True,
     ),
     "trio_ws+redis": ServerKind(
         "trio_ws+redis",
@@ -104,6 +107,7 @@ SERVERS = {
             "TRIO_WS_DRAIN_TIMEOUT": "0",
             "TRIO_WS_REDIS_URL": REDIS_URL,
         },
+        welcome=True,
     ),
     "fastapi+uvicorn": ServerKind(
         "fastapi+uvicorn",
@@ -123,7 +127,7 @@ SERVERS = {
         ],
         {},
     ),
-    # Memory floors of the stack (idle5000 only): what Hypercorn alone, and Quart-Trio on it, cost.
+    # Floors of the stack (idle5000, handshakes): what Hypercorn alone, and Quart-Trio on it, cost.
     "asgi-floor": ServerKind("asgi-floor", lambda port: _hypercorn(port, "asgi_floor"), {}),
     "quart-floor": ServerKind("quart-floor", lambda port: _hypercorn(port, "quart_floor"), {}),
     "websockets": ServerKind(
@@ -439,6 +443,61 @@ def idle_connections(kind: ServerKind, count: int = 5000) -> dict[str, Any]:
     }
 
 
+def handshakes(
+    kind: ServerKind, clients: int = 64, seconds: float = 8, processes: int = 2
+) -> dict[str, Any]:
+    """``clients`` raw-socket clients, each in a closed loop for ``seconds``: upgrade, 101, the
+    welcome frame (if the server sends one), close frame, the server's close frame, again.
+
+    Server CPU is over the whole window, from before the clients start to after they stop.
+    """
+    with running(kind) as server:
+        time.sleep(0.5)
+        per = [
+            clients // processes + (1 if i < clients % processes else 0) for i in range(processes)
+        ]
+        cpu0 = server.cpu_s()
+        procs = [
+            subprocess.Popen(
+                [
+                    *LOADGEN,
+                    "handshake",
+                    "--port",
+                    str(server.port),
+                    "--connections",
+                    str(count),
+                    "--seconds",
+                    str(seconds),
+                    "--welcome" if kind.welcome else "--no-welcome",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for count in per
+        ]
+        results = collect(procs)
+        cpu = server.cpu_s() - cpu0
+    done = sum(r["handshakes"] for r in results)
+    latencies = sorted(x for r in results for x in r["latency_sample_ns"])
+    elapsed = max(r["elapsed_s"] for r in results)
+    errors: dict[str, int] = {}
+    for result in results:
+        for name, count in result["errors"].items():
+            errors[name] = errors.get(name, 0) + count
+    return {
+        "handshakes_per_s": round(done / elapsed),
+        "server_cpu_us_per_handshake": round(cpu / max(1, done) * 1e6, 1),
+        "loadgen_cpu_us_per_handshake": round(
+            sum(r["cpu_s"] for r in results) / max(1, done) * 1e6, 1
+        ),
+        "handshake_p50_ms": round(percentile(latencies, 0.5) / 1e6, 2) if latencies else None,
+        "handshake_p99_ms": round(percentile(latencies, 0.99) / 1e6, 2) if latencies else None,
+        "handshakes": done,
+        "failed": sum(r["failed"] for r in results),
+        "errors": ", ".join(f"{name} {count}" for name, count in sorted(errors.items())) or "none",
+    }
+
+
 def slow_client(
     kind: ServerKind, healthy: int = 100, messages: int = 2000, size: int = 4096
 ) -> dict[str, Any]:
@@ -496,7 +555,7 @@ def slow_client(
     }
 
 
-#: The servers a plain run compares (the floors only make sense with idle5000).
+#: The servers a plain run compares (the floors only make sense with idle5000 and handshakes).
 BROADCASTERS = ["trio_ws", "trio_ws+redis", "fastapi+uvicorn", "websockets"]
 
 SCENARIOS: dict[str, Callable[[ServerKind], dict[str, Any]]] = {
@@ -504,6 +563,7 @@ SCENARIOS: dict[str, Callable[[ServerKind], dict[str, Any]]] = {
     "fanout1000": lambda kind: fanout(kind, 1000, 500),
     "rate1000x20": lambda kind: fixed_rate(kind),
     "idle5000": lambda kind: idle_connections(kind),
+    "handshakes": lambda kind: handshakes(kind),
     "slow_client": lambda kind: slow_client(kind),
     "cluster1000": lambda kind: fanout_cluster(kind, 1000, 500),
 }
@@ -530,6 +590,7 @@ HEADLINES = {
     "fanout1000": ["server_cpu_us_per_delivery", "deliveries_per_s", "latency_p99_ms", "lost"],
     "rate1000x20": ["latency_p50_ms", "latency_p99_ms", "server_cpu_us_per_delivery", "lost"],
     "idle5000": ["rss_kb_per_connection", "connect_p99_ms"],
+    "handshakes": ["handshakes_per_s", "server_cpu_us_per_handshake", "handshake_p99_ms", "failed"],
     "slow_client": ["healthy_rate_ratio", "peak_rss_mb", "lost", "healthy_closed_by_server"],
     "cluster1000": ["server_cpu_us_per_delivery", "latency_p99_ms", "lost", "duplicates"],
 }
