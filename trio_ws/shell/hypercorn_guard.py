@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import time
 import traceback
 from importlib.metadata import version
 from typing import Any
@@ -43,6 +44,10 @@ VERIFIED_HYPERCORN = ("0.18.0",)
 #: own task group and close the stream in its ``finally``.
 _EXPECTED_NAMES = ("TaskGroup", "ProtocolWrapper", "_read_data", "_close", "stream")
 _MARK = "_trio_ws_guarded"
+#: At most one log line per kind of contained error in this many seconds.
+LOG_INTERVAL_S = 10.0
+_last_logged: dict[str, float] = {}
+_suppressed: dict[str, int] = {}
 
 
 class HypercornGuardError(RuntimeError):
@@ -69,9 +74,20 @@ def install() -> None:
         except* Exception as group:
             _log_contained(peer, group)
 
+    original_close = TCPServer._close
+
+    async def close(self: TCPServer) -> None:
+        # Hypercorn half-closes the socket (send_eof) without its send lock, so a client that
+        # closes right after the handshake races the reply to its close frame: trio raises
+        # BusyResourceError in that send. Under the lock, the reply goes first.
+        async with self.send_lock:
+            await original_close(self)
+
     setattr(run, _MARK, True)
     run.__wrapped__ = original  # type: ignore[attr-defined]  # what check() reads
+    close.__wrapped__ = original_close  # type: ignore[attr-defined]
     TCPServer.run = run  # type: ignore[method-assign]
+    TCPServer._close = close  # type: ignore[method-assign]
 
 
 def check() -> str | None:
@@ -86,6 +102,12 @@ def check() -> str | None:
     missing = [name for name in _EXPECTED_NAMES if name not in run.__code__.co_names]
     if missing:
         return f"TCPServer.run no longer uses {', '.join(missing)}"
+    close = getattr(TCPServer, "_close", None)
+    close = getattr(close, "__wrapped__", close)
+    if not inspect.iscoroutinefunction(close) or "send_eof" not in close.__code__.co_names:
+        return "TCPServer._close no longer half-closes the stream (send_eof)"
+    if "send_lock" not in TCPServer.__init__.__code__.co_names:
+        return "TCPServer no longer has a send_lock"
     return None
 
 
@@ -109,12 +131,24 @@ def _log_contained(peer: str, group: BaseExceptionGroup[Exception]) -> None:
     if frames:
         last = frames[-1]
         where = f"{os.path.basename(last.filename)}:{last.lineno} {last.name}"
+    kinds = ", ".join(sorted({type(error).__name__ for error in leaves}))
+    # Under attack these come by the thousand: one line per kind and place per interval, with
+    # how many were contained since the last line.
+    key = f"{kinds} at {where}"
+    now = time.monotonic()
+    count = _suppressed.get(key, 0) + 1
+    if now - _last_logged.get(key, -LOG_INTERVAL_S) < LOG_INTERVAL_S:
+        _suppressed[key] = count
+        return
+    _last_logged[key] = now
+    _suppressed[key] = 0
     LOGGER.error(
-        "connection from %s ended by an error inside Hypercorn (%s at %s): connection closed, "
-        "the server goes on (pgjones/hypercorn#225)",
+        "connection from %s ended by an error inside Hypercorn (%s): connection closed, the "
+        "server goes on (pgjones/hypercorn#225); %d such in the last %gs",
         peer,
-        ", ".join(sorted({type(error).__name__ for error in leaves})),
-        where,
+        key,
+        count,
+        LOG_INTERVAL_S,
     )
 
 
