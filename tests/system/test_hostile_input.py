@@ -43,6 +43,9 @@ MODES = {"launcher": LAUNCHER, "hypercorn-workers-1": hypercorn("--workers", "1"
 CONTAINED = r"connection from 127\.0\.0\.1:\d+ ended by an error inside Hypercorn \((\w+)"
 
 
+LOADGEN = Path(__file__).resolve().parents[2] / "bench" / "loadgen.py"
+
+
 def host_port(url: str) -> tuple[str, int]:
     host, port = url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)
     return host, int(port)
@@ -214,7 +217,7 @@ async def test_clients_closing_right_after_the_handshake_raise_nothing() -> None
         load = await trio.run_process(
             [
                 sys.executable,
-                str(Path(__file__).resolve().parents[2] / "bench" / "loadgen.py"),
+                str(LOADGEN),
                 "handshake",
                 "--port",
                 str(port),
