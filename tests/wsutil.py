@@ -58,23 +58,33 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5, step: fl
 
 
 async def raw_handshake(
-    host: str, port: int, path: str = "/ws", rcvbuf: int | None = None
+    host: str,
+    port: int,
+    path: str = "/ws",
+    rcvbuf: int | None = None,
+    *,
+    source: str | None = None,
+    headers: str = "",
 ) -> trio.socket.SocketType:
     """A socket that has completed a WebSocket handshake and reads nothing more.
 
     ``rcvbuf`` shrinks the receive buffer (set before connecting, so the window is small), which
-    makes a client that never reads fill up fast.
+    makes a client that never reads fill up fast. ``source`` binds the client's address (any of
+    127.0.0.0/8 on Linux: several "clients" on loopback); ``headers`` are extra header lines,
+    each ending in CRLF.
     """
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if source is not None:
+        await sock.bind((source, 0))
     await sock.connect((host, port))
     key = base64.b64encode(os.urandom(16)).decode()
     await sock.send(
         (
             f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{headers}\r\n"
         ).encode()
     )
     response = b""

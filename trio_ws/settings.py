@@ -8,6 +8,7 @@ that names the variable and the value it refused.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import re
 import urllib.parse
@@ -66,6 +67,16 @@ class Settings:
     redis_prefix: str = "trio_ws"
     #: Broadcasts kept in the Redis Stream (approximately): the replay window after an outage.
     redis_stream_maxlen: int = 10_000
+    #: WebSockets this process holds; more are closed with 1013. Lowered at start-up to fit
+    #: the file limit (docs/operations.md, "Connection limits").
+    max_connections: int = 10_000
+    #: WebSockets one client address holds; 0 turns the limit off.
+    max_connections_per_ip: int = 0
+    #: Handshakes per second one client address may start (a token bucket holding one second
+    #: of them); 0 turns the limit off.
+    handshake_rate_per_ip: float = 0.0
+    #: Addresses and networks of the proxies whose X-Forwarded-For / Forwarded is believed.
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "a TCP port from 0 to 65535")
@@ -124,6 +135,28 @@ class Settings:
             "an integer >= 100",
         )
         _check(
+            self.max_connections >= 1, "max_connections", self.max_connections, "an integer >= 1"
+        )
+        _check(
+            self.max_connections_per_ip >= 0,
+            "max_connections_per_ip",
+            self.max_connections_per_ip,
+            "an integer >= 0 (0 turns it off)",
+        )
+        _check(
+            self.handshake_rate_per_ip >= 0,
+            "handshake_rate_per_ip",
+            self.handshake_rate_per_ip,
+            "handshakes per second >= 0 (0 turns it off)",
+        )
+        for entry in self.trusted_proxies:
+            _check(
+                _is_network(entry),
+                "trusted_proxies",
+                entry,
+                "IP addresses or networks (CIDR), separated by commas",
+            )
+        _check(
             (self.certfile is None) == (self.keyfile is None),
             "certfile",
             self.certfile,
@@ -172,7 +205,11 @@ class Settings:
             f"max_message_size={self.max_message_size} queue_size={self.queue_size} "
             f"outbox_bytes={self.outbox_bytes} "
             f"ping_interval={self.ping_interval:g}s stall_timeout={self.stall_timeout:g}s "
-            f"log_level={self.log_level} broker={self.broker_description}"
+            f"log_level={self.log_level} broker={self.broker_description} "
+            f"max_connections={self.max_connections} "
+            f"max_connections_per_ip={self.max_connections_per_ip} "
+            f"handshake_rate_per_ip={self.handshake_rate_per_ip:g} "
+            f"trusted_proxies={','.join(self.trusted_proxies) or 'none'}"
         )
 
     @property
@@ -214,6 +251,19 @@ def _level(raw: str) -> str:
     return raw.upper()
 
 
+def parse_proxies(raw: str) -> tuple[str, ...]:
+    """``TRIO_WS_TRUSTED_PROXIES``: addresses or networks separated by commas or spaces."""
+    return tuple(entry for entry in re.split(r"[,\s]+", raw.strip()) if entry)
+
+
+def _is_network(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "host": str,
     "port": int,
@@ -232,6 +282,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "redis_url": str,
     "redis_prefix": str,
     "redis_stream_maxlen": int,
+    "max_connections": int,
+    "max_connections_per_ip": int,
+    "handshake_rate_per_ip": _number,
+    "trusted_proxies": parse_proxies,
 }
 
 

@@ -80,3 +80,38 @@ def test_describe_names_every_behaviour_setting() -> None:
     assert "drain_timeout=30s" in line
     assert "broadcast_interval=10s" in line
     assert "max_message_size=65536" in line
+
+
+def test_connection_limits() -> None:
+    settings = Settings.from_env({})
+    assert (settings.max_connections, settings.max_connections_per_ip) == (10_000, 0)
+    assert (settings.handshake_rate_per_ip, settings.trusted_proxies) == (0.0, ())
+    settings = Settings.from_env(
+        {
+            "TRIO_WS_MAX_CONNECTIONS": "500",
+            "TRIO_WS_MAX_CONNECTIONS_PER_IP": "20",
+            "TRIO_WS_HANDSHAKE_RATE_PER_IP": "2.5",
+            "TRIO_WS_TRUSTED_PROXIES": " 10.0.0.0/8, 127.0.0.1 ::1 ",
+        }
+    )
+    assert settings.max_connections == 500
+    assert settings.max_connections_per_ip == 20
+    assert settings.handshake_rate_per_ip == 2.5
+    assert settings.trusted_proxies == ("10.0.0.0/8", "127.0.0.1", "::1")
+    assert "max_connections=500" in settings.describe()
+    assert "trusted_proxies=10.0.0.0/8,127.0.0.1,::1" in settings.describe()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("MAX_CONNECTIONS", "0", "TRIO_WS_MAX_CONNECTIONS must be an integer >= 1"),
+        ("MAX_CONNECTIONS_PER_IP", "-1", "TRIO_WS_MAX_CONNECTIONS_PER_IP must be an integer >= 0"),
+        ("HANDSHAKE_RATE_PER_IP", "-1", "TRIO_WS_HANDSHAKE_RATE_PER_IP must be handshakes"),
+        ("HANDSHAKE_RATE_PER_IP", "fast", "TRIO_WS_HANDSHAKE_RATE_PER_IP must be a number"),
+        ("TRUSTED_PROXIES", "10.0.0.0/8,nginx", "TRIO_WS_TRUSTED_PROXIES must be IP addresses"),
+    ],
+)
+def test_connection_limits_refused(name: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env({f"TRIO_WS_{name}": value})

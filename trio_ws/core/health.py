@@ -47,5 +47,7 @@ def health_report(hub: Hub) -> dict[str, Any]:
         "replaced_connections": stats.replaced,
         "messages_broadcast": hub.messages_broadcast,
         "refused_during_drain": hub.drain.refused,
+        "max_connections": hub.admission.policy.max_connections,
+        "refused_over_limits": hub.admission.refused_report(),
         "drain": hub.drain.report(),
     }

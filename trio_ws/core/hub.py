@@ -23,6 +23,8 @@ import trio
 from trio_ws.core import protocol
 from trio_ws.core.broker import Broadcast, Broker, BrokerState, Outgoing
 from trio_ws.core.drain import Drain, DrainPolicy
+from trio_ws.core.forwarded import TrustedProxies
+from trio_ws.core.limits import Admission, LimitPolicy
 from trio_ws.core.protocol import CloseCode, Frame
 from trio_ws.core.registry import Connection, Registry
 from trio_ws.core.words import plural
@@ -64,6 +66,16 @@ class Hub:
             ),
             wall_clock,
         )
+        #: The connection limits, applied by the endpoint before :meth:`connect`.
+        self.admission = Admission(
+            LimitPolicy(
+                max_connections=settings.max_connections,
+                max_connections_per_ip=settings.max_connections_per_ip,
+                handshake_rate_per_ip=settings.handshake_rate_per_ip,
+            )
+        )
+        #: Whose X-Forwarded-For / Forwarded names the client.
+        self.trusted_proxies = TrustedProxies(settings.trusted_proxies)
         self._wall_clock = wall_clock
         self.messages_broadcast = 0
         self._attempts = 0
@@ -86,6 +98,8 @@ class Hub:
             return "draining"
         if self.broker.state is not BrokerState.UP:
             return "broker unavailable"
+        if self.admission.full:
+            return "at the connection limit"
         return None
 
     def wall_time(self) -> float:

@@ -34,6 +34,8 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008
     #: The client sent a frame larger than ``max_message_size``.
     MESSAGE_TOO_BIG = 1009
+    #: Over a connection limit (the process's, or its address's): reconnect with backoff.
+    TRY_AGAIN_LATER = 1013
     #: The client did not read fast enough and its queue overflowed: reconnect with backoff.
     SLOW_CONSUMER = 4008
     #: A newer connection with the same client id took over: do not reconnect.

@@ -15,7 +15,7 @@ import trio
 from trio_ws import __version__
 from trio_ws.hosting import launcher as serving
 from trio_ws.hosting.logs import configure_logging
-from trio_ws.settings import LOG_LEVELS, Settings, SettingsError
+from trio_ws.settings import LOG_LEVELS, Settings, SettingsError, parse_proxies
 
 LOGGER = logging.getLogger(__name__)
 
@@ -58,6 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
     add("--redis-url", metavar="URL", help="broadcast through Redis (redis://host:6379/0)")
     add("--redis-prefix", metavar="PREFIX", help="prefix of every Redis key (trio_ws)")
     add("--redis-stream-maxlen", type=int, metavar="N", help="replay window in broadcasts (10000)")
+    add(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="WebSockets per process; more: 1013 (10000)",
+    )
+    add(
+        "--max-connections-per-ip",
+        type=int,
+        metavar="N",
+        help="WebSockets per client address, 0=off (0)",
+    )
+    add(
+        "--handshake-rate-per-ip",
+        type=float,
+        metavar="R",
+        help="handshakes per second per client address, 0=off (0)",
+    )
+    add(
+        "--trusted-proxies",
+        type=parse_proxies,
+        metavar="CIDRS",
+        help="proxies whose X-Forwarded-For is believed, comma-separated (none)",
+    )
     add("--version", action="version", version=f"trio_ws {__version__}")
     return parser
 

@@ -16,7 +16,7 @@ from trio_ws.brokers.local import LocalBroker
 from trio_ws.core.broker import BrokerUnavailableError
 from trio_ws.core.drain import CLOSE_GRACE_S
 from trio_ws.core.hub import Hub
-from trio_ws.hosting import hypercorn_cli, modes, signals
+from trio_ws.hosting import fdlimit, hypercorn_cli, modes, signals
 from trio_ws.hosting.logs import configure_logging
 from trio_ws.hosting.modes import RunMode
 from trio_ws.hosting.sockets import tune_listeners
@@ -113,6 +113,8 @@ async def _lifespan(
             needed = settings.drain_timeout + modes.GRACE_MARGIN_S
             modes.configure_hypercorn(config, settings, graceful_timeout_s=needed)
         tune_listeners(settings)
+    # Before the first connection: the cap must fit under the file limit.
+    fdlimit.apply_file_limit(hub.admission)
     tune_gc()
     try:
         await app.nursery.start(hub.run)

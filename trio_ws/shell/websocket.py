@@ -19,6 +19,7 @@ import trio
 
 from trio_ws.core import protocol
 from trio_ws.core.hub import REFUSED_REASON
+from trio_ws.core.limits import address_key
 from trio_ws.core.protocol import ClientIdError, CloseCode, ResumeError, StaleAttemptError
 
 if TYPE_CHECKING:
@@ -68,13 +69,34 @@ class WebSocketEndpoint:
         # code they can act on.
         await send({"type": "websocket.accept"})
         sink = self.direct.open_sink(send)
-        client = scope.get("client")
-        peer = f"{client[0]}:{client[1]}" if client else "<unknown>"
         hub = self.hub
+        address, peer = client_address(hub, scope)
         if hub.draining:
             hub.note_refused(peer)
             await _close(sink, CloseCode.GOING_AWAY, REFUSED_REASON, peer)
             return
+        # The limits, before anything is registered: a refused client costs its handshake only.
+        key = address_key(address)
+        refused = hub.admission.admit(key, peer)
+        if refused is not None:
+            await _close(sink, CloseCode.TRY_AGAIN_LATER, refused.close_reason, peer)
+            return
+        try:
+            await self._serve(scope, receive, sink, client_id, attempt, peer)
+        finally:
+            hub.admission.release(key)
+
+    async def _serve(
+        self,
+        scope: dict[str, Any],
+        receive: Receive,
+        sink: AsgiSink,
+        client_id: str | None,
+        attempt: int,
+        peer: str,
+    ) -> None:
+        """An admitted connection: register it, serve it, forget it."""
+        hub = self.hub
         if sink.peer_gone():
             # The client gave up on this attempt (a connect timeout) while it waited here: it
             # must not take its id over from the retry that may already be connected.
@@ -133,6 +155,20 @@ class WebSocketEndpoint:
                 )
                 return
             await publish(connection.client_id, data)
+
+
+def client_address(hub: Hub, scope: dict[str, Any]) -> tuple[str, str]:
+    """The client's address (what the per-address limits count), and how the logs name the
+    client: ``host:port``, or behind a trusted proxy ``client (via proxy host:port)``."""
+    client = scope.get("client")
+    if not client:
+        return "<unknown>", "<unknown>"
+    host, port = str(client[0]), client[1]
+    direct = f"{host}:{port}"
+    forwarded = hub.trusted_proxies.client_address(host, scope.get("headers", ()))
+    if forwarded is None:
+        return host, direct
+    return forwarded, f"{forwarded} (via {direct})"
 
 
 def _query_value(scope: dict[str, Any], name: str) -> str | None:
