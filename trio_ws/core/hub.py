@@ -25,7 +25,7 @@ from trio_ws.core.broker import Broadcast, Broker, BrokerState, Outgoing
 from trio_ws.core.drain import Drain, DrainPolicy
 from trio_ws.core.protocol import CloseCode, Frame
 from trio_ws.core.registry import Connection, Registry
-from trio_ws.core.words import plural
+from trio_ws.core.words import loggable, plural
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -223,7 +223,7 @@ class Hub:
         LOGGER.info(
             "client %s resumed after %s: %d broadcasts replayed%s",
             connection.client_id,
-            since,
+            loggable(since),
             len(replayed),
             "" if history.complete else ", some were no longer available",
         )
