@@ -92,6 +92,10 @@ SERVERS = {
             "TRIO_WS_BROADCAST_INTERVAL": "0",
             "TRIO_WS_LOG_LEVEL": "WARNING",
             "TRIO_WS_DRAIN_TIMEOUT": "0",
+            # The publisher sends as fast as the server takes it: no per-connection publish
+            # limit (docs/benchmarks.md).
+            "TRIO_WS_PUBLISH_RATE": "0",
+            "TRIO_WS_PUBLISH_BYTES_RATE": "0",
         },
     ),
     "trio_ws+redis": ServerKind(
@@ -102,6 +106,10 @@ SERVERS = {
             "TRIO_WS_BROADCAST_INTERVAL": "0",
             "TRIO_WS_LOG_LEVEL": "WARNING",
             "TRIO_WS_DRAIN_TIMEOUT": "0",
+            # The publisher sends as fast as the server takes it: no per-connection publish
+            # limit (docs/benchmarks.md).
+            "TRIO_WS_PUBLISH_RATE": "0",
+            "TRIO_WS_PUBLISH_BYTES_RATE": "0",
             "TRIO_WS_REDIS_URL": REDIS_URL,
         },
     ),
