@@ -465,7 +465,8 @@ async def test_partial_writes_never_interleave_with_hypercorn_frames(
     """A slow reader makes broadcasts write only part of a frame; the pongs Hypercorn sends
     meanwhile must land between frames, never inside one."""
     # 150 frames of 8 KiB wait for the slow reader: room for them, so it is never cut as slow.
-    server = await start_server(outbox_bytes=4 << 20)
+    # The 1.2 MB are sent at once: no publish limit.
+    server = await start_server(outbox_bytes=4 << 20, publish_rate=0, publish_bytes_rate=0)
     host, port = host_port(server)
     victim = await raw_handshake(host, port, "/ws/victim", rcvbuf=4096)
     count, pings = 150, 0

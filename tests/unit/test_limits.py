@@ -88,7 +88,7 @@ def test_abusive_only_after_being_throttled_without_a_break() -> None:
     for _ in range(20):
         limit.take(1, 0.0)
     assert limit.take(1, 0.0) > 0
-    assert limit.throttled_since == 0.0
+    assert limit.abusive(0.0) is False  # throttled since 0.0, not yet for long
     assert not limit.abusive(THROTTLED_CLOSE_AFTER_S - 0.01)
     assert limit.abusive(THROTTLED_CLOSE_AFTER_S)
     # A message that finds its token waiting ends the run of throttling.
