@@ -127,7 +127,7 @@ class Receiver:
 def receive(args: argparse.Namespace) -> None:
     """Subprocess: hold ``--connections`` receivers until each has ``--expect`` messages."""
     selector = selectors.DefaultSelector()
-    receiver = Receiver(expect=args.expect)
+    receiver = Receiver(expect=args.expect, sample_every=args.sample_every)
     tails: dict[int, bytes] = {}
     closed = 0
     for i in range(args.connections):
@@ -310,6 +310,82 @@ def handshake(args: argparse.Namespace) -> None:
         )
 
 
+def flood(args: argparse.Namespace) -> None:
+    """Subprocess: one hostile publisher. Sends ``--size``-byte messages as fast as the socket
+    takes them for up to ``--duration`` seconds while a thread reads (and counts) its echoes, so
+    it is never cut as a slow consumer; reports JSON: messages sent, echoes seen, and the
+    server's close code (if it closed the flooder) and error frame."""
+    import threading
+
+    sock, rest = connect(args.host, args.port, f"{args.path}/{args.prefix}flooder")
+    payload = b"FLOOD|" + b"f" * max(0, args.size - 6)
+    chunk = text_frame(payload) * 32
+    state: dict[str, Any] = {"echoes": 0, "close_code": None, "error_frame": None}
+    closed = threading.Event()
+
+    def read() -> None:
+        buffer = rest
+        while not closed.is_set():
+            try:
+                data = sock.recv(RECV_SIZE)
+            except TimeoutError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                break
+            buffer += data
+            while len(buffer) >= 2:  # whole unmasked server frames
+                opcode, length, header = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
+                if length == 126:
+                    length, header = int.from_bytes(buffer[2:4], "big"), 4
+                elif length == 127:
+                    length, header = int.from_bytes(buffer[2:10], "big"), 10
+                if len(buffer) < header + length:
+                    break
+                payload = buffer[header : header + length]
+                buffer = buffer[header + length :]
+                if opcode == 0x8:
+                    state["close_code"] = int.from_bytes(payload[:2], "big")
+                elif payload.startswith(b"FLOOD|", payload.find(b'"text":"') + 8):
+                    state["echoes"] += 1
+                elif payload.startswith(b'{"type":"error"'):
+                    state["error_frame"] = payload.decode(errors="replace")
+            if state["close_code"] is not None:
+                break
+        closed.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    started = time.monotonic()
+    sent = 0
+    sock.settimeout(0.2)
+    while not closed.is_set() and time.monotonic() - started < args.duration:
+        try:
+            sock.sendall(chunk)
+        except TimeoutError:
+            continue  # the server stopped reading: try again (or notice the close)
+        except OSError:
+            break
+        sent += 32
+    ended = time.monotonic() - started
+    closed.set()
+    reader.join(timeout=5)
+    sock.close()
+    print(
+        json.dumps(
+            {
+                "sent_at_least": sent,
+                "echoes": state["echoes"],
+                "close_code": state["close_code"],
+                "error_frame": state["error_frame"],
+                "seconds": round(ended, 2),
+            }
+        ),
+        flush=True,
+    )
+
+
 def idle(args: argparse.Namespace) -> None:
     """Subprocess: open ``--connections`` idle connections, report handshake times, then hold
     them until stdin closes."""
@@ -329,22 +405,27 @@ def idle(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("receive", "idle", "handshake"):
+    for name in ("receive", "idle", "handshake", "flood"):
         p = sub.add_parser(name)
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--path", default="/ws")
         p.add_argument("--prefix", default=f"r{random.randrange(10**6)}-")
-        p.add_argument("--connections", type=int, required=True)
+        p.add_argument("--connections", type=int, required=name != "flood")
         if name == "receive":
             p.add_argument("--expect", type=int, required=True)
             p.add_argument("--timeout", type=float, default=120)
+            p.add_argument("--sample-every", type=int, default=7)
         if name == "handshake":
             p.add_argument("--seconds", type=float, default=8)
             p.add_argument("--timeout", type=float, default=10, help="per socket operation")
             p.add_argument("--welcome", action=argparse.BooleanOptionalAction, default=True)
+        if name == "flood":
+            p.add_argument("--size", type=int, default=1000)
+            p.add_argument("--duration", type=float, default=10)
     args = parser.parse_args()
-    {"receive": receive, "idle": idle, "handshake": handshake}[args.command](args)
+    commands = {"receive": receive, "idle": idle, "handshake": handshake, "flood": flood}
+    commands[args.command](args)
 
 
 def percentile(sorted_values: list[Any], fraction: float) -> Any:

@@ -94,6 +94,10 @@ SERVERS = {
             "TRIO_WS_BROADCAST_INTERVAL": "0",
             "TRIO_WS_LOG_LEVEL": "WARNING",
             "TRIO_WS_DRAIN_TIMEOUT": "0",
+            # The publisher sends as fast as the server takes it: no per-connection publish
+            # limit (docs/benchmarks.md).
+            "TRIO_WS_PUBLISH_RATE": "0",
+            "TRIO_WS_PUBLISH_BYTES_RATE": "0",
         },
         welcome=True,
     ),
@@ -105,6 +109,10 @@ SERVERS = {
             "TRIO_WS_BROADCAST_INTERVAL": "0",
             "TRIO_WS_LOG_LEVEL": "WARNING",
             "TRIO_WS_DRAIN_TIMEOUT": "0",
+            # The publisher sends as fast as the server takes it: no per-connection publish
+            # limit (docs/benchmarks.md).
+            "TRIO_WS_PUBLISH_RATE": "0",
+            "TRIO_WS_PUBLISH_BYTES_RATE": "0",
             "TRIO_WS_REDIS_URL": REDIS_URL,
         },
         welcome=True,

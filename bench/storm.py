@@ -956,6 +956,11 @@ async def _start_instance(
         "0",
         "--ping-interval",
         "0",
+        # The storm's publishers send bursts: no per-connection publish limit.
+        "--publish-rate",
+        "0",
+        "--publish-bytes-rate",
+        "0",
     ]
     env = {"TRIO_WS_REDIS_URL": f"redis://{HOST}:{redis_port}/0", "PYTHONUNBUFFERED": "1"}
     proc = await _spawn(name, argv, tmp / f"{name}.log", env)

@@ -95,6 +95,8 @@ def describe(frame: dict[str, Any]) -> str | None:
             return f"presence: {frame['active_connections']} connected"
         if kind == "shutdown":
             return f"SHUTDOWN WARNING: {frame['reason']} (forced close in {frame['seconds_left']}s)"
+        if kind == "error":
+            return f"ERROR {frame['error']}: {frame['reason']}"
     except KeyError:
         pass
     return None

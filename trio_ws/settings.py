@@ -77,6 +77,14 @@ class Settings:
     handshake_rate_per_ip: float = 0.0
     #: Addresses and networks of the proxies whose X-Forwarded-For / Forwarded is believed.
     trusted_proxies: tuple[str, ...] = ()
+    #: Messages a second one connection may publish (a token bucket); 0 turns it off. Over
+    #: it, the server stops reading that client; 10 s over it in a row: closed with 1008.
+    publish_rate: float = 10.0
+    #: Messages one connection may publish at once, above ``publish_rate`` (the bucket's size).
+    publish_burst: int = 20
+    #: Bytes a second one connection may publish (UTF-8; a bucket of one second, and at least
+    #: one ``max_message_size``); 0 turns it off.
+    publish_bytes_rate: int = 64 * 1024
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "a TCP port from 0 to 65535")
@@ -133,6 +141,14 @@ class Settings:
             "redis_stream_maxlen",
             self.redis_stream_maxlen,
             "an integer >= 100",
+        )
+        _check(self.publish_rate >= 0, "publish_rate", self.publish_rate, "messages/s >= 0")
+        _check(self.publish_burst >= 0, "publish_burst", self.publish_burst, "an integer >= 0")
+        _check(
+            self.publish_bytes_rate >= 0,
+            "publish_bytes_rate",
+            self.publish_bytes_rate,
+            "bytes/s >= 0",
         )
         _check(
             self.max_connections >= 1, "max_connections", self.max_connections, "an integer >= 1"
@@ -205,6 +221,8 @@ class Settings:
             f"max_message_size={self.max_message_size} queue_size={self.queue_size} "
             f"outbox_bytes={self.outbox_bytes} "
             f"ping_interval={self.ping_interval:g}s stall_timeout={self.stall_timeout:g}s "
+            f"publish_rate={self.publish_rate:g}/s publish_burst={self.publish_burst} "
+            f"publish_bytes_rate={self.publish_bytes_rate}/s "
             f"log_level={self.log_level} broker={self.broker_description} "
             f"max_connections={self.max_connections} "
             f"max_connections_per_ip={self.max_connections_per_ip} "
@@ -286,6 +304,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_connections_per_ip": int,
     "handshake_rate_per_ip": _number,
     "trusted_proxies": parse_proxies,
+    "publish_rate": _number,
+    "publish_burst": int,
+    "publish_bytes_rate": int,
 }
 
 

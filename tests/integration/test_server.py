@@ -230,7 +230,8 @@ async def test_no_clients_stops_at_once_and_closes_the_listener(server: RunningS
 async def test_slow_client_is_cut_with_4008_and_others_get_everything(
     start_server: StartServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = await start_server(queue_size=8)
+    # A publisher in a hurry: no publish limit (the test is about the slow reader).
+    server = await start_server(queue_size=8, publish_rate=0, publish_bytes_rate=0)
     host, port = host_port(server)
     slow = await raw_handshake(host, port, "/ws/slow", rcvbuf=4096)
     count, size = 200, 16 * 1024
@@ -385,9 +386,10 @@ async def test_a_client_that_never_reads_cannot_hold_the_server(
         stuck.close()  # on failure, frees the stuck send so the test fails instead of hanging
 
 
-async def test_a_burst_from_one_client_cuts_nobody(server: RunningServer) -> None:
+async def test_a_burst_from_one_client_cuts_nobody(start_server: StartServer) -> None:
     """A client firing messages without waiting must not make healthy readers "slow": their
     writers catch up by writing the backlog in one go."""
+    server = await start_server(publish_rate=0, publish_bytes_rate=0)  # a burst, unlimited
     count = 2000
     async with trio.open_nursery() as nursery:
         readers = [
@@ -416,7 +418,8 @@ async def test_a_burst_from_one_client_cuts_nobody(server: RunningServer) -> Non
             await reader.aclose()
 
 
-async def test_every_frame_holds_one_object_even_in_a_burst(server: RunningServer) -> None:
+async def test_every_frame_holds_one_object_even_in_a_burst(start_server: StartServer) -> None:
+    server = await start_server(publish_rate=0, publish_bytes_rate=0)  # a burst, unlimited
     async with open_websocket_url(server.ws_url + "/single") as single:
         await single.get_message()
         for i in range(300):
@@ -462,7 +465,8 @@ async def test_partial_writes_never_interleave_with_hypercorn_frames(
     """A slow reader makes broadcasts write only part of a frame; the pongs Hypercorn sends
     meanwhile must land between frames, never inside one."""
     # 150 frames of 8 KiB wait for the slow reader: room for them, so it is never cut as slow.
-    server = await start_server(outbox_bytes=4 << 20)
+    # The 1.2 MB are sent at once: no publish limit.
+    server = await start_server(outbox_bytes=4 << 20, publish_rate=0, publish_bytes_rate=0)
     host, port = host_port(server)
     victim = await raw_handshake(host, port, "/ws/victim", rcvbuf=4096)
     count, pings = 150, 0

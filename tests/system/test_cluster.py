@@ -37,6 +37,10 @@ def cluster_env(redis: RedisServer, **extra: str) -> dict[str, str]:
         "TRIO_WS_BROADCAST_INTERVAL": "0",
         "TRIO_WS_PRESENCE_INTERVAL": "0",
         "TRIO_WS_LOG_LEVEL": "INFO",
+        # The publishers here send 100 to 200 messages a second, to stress the broker: no
+        # per-connection publish limit (tests/system/test_flood.py tests it).
+        "TRIO_WS_PUBLISH_RATE": "0",
+        "TRIO_WS_PUBLISH_BYTES_RATE": "0",
         **extra,
     }
 

@@ -69,10 +69,40 @@ def test_frames() -> None:
     }
 
 
-def test_frames_are_ascii_so_characters_are_bytes() -> None:
-    frame = protocol.message_frame(message_id="1-0", sender="a", text="one\ntwo ünï 🎉", ts=0.0)
-    assert frame.isascii()
-    assert json.loads(frame)["text"] == "one\ntwo ünï 🎉"
+@pytest.mark.parametrize(
+    ("text", "text_bytes"),
+    [
+        ("Привіт, світе! Слава Україні", 51),  # Cyrillic: 2 bytes a letter, not 6 (\u0432)
+        ("🎉", 4),  # an emoji: 4 bytes, not 12 (a surrogate pair of \u escapes)
+        ("ascii only", 10),
+    ],
+)
+def test_frames_carry_non_ascii_text_unescaped(text: str, text_bytes: int) -> None:
+    frame = protocol.message_frame(message_id="1-0", sender="a", text=text, ts=0.0)
+    assert text in frame  # as itself, not as \u escapes
+    assert json.loads(frame)["text"] == text
+    assert protocol.utf8_size(text) == len(text.encode()) == text_bytes
+    empty = protocol.message_frame(message_id="1-0", sender="a", text="", ts=0.0)
+    wire = protocol.Frame(frame).wire
+    # The WebSocket length is in bytes: the frame grows by the text's UTF-8 size.
+    assert len(wire) - len(protocol.Frame(empty).wire) in {text_bytes, text_bytes + 2}
+    assert wire.endswith(frame.encode())
+
+
+def test_control_characters_are_still_escaped() -> None:
+    frame = protocol.message_frame(message_id="1-0", sender="a", text='a\n\x00"\\', ts=0.0)
+    assert "\n" not in frame
+    assert "\x00" not in frame
+    assert json.loads(frame)["text"] == 'a\n\x00"\\'
+
+
+def test_error_frame() -> None:
+    assert json.loads(protocol.error_frame(error="rate_limited", reason="slow down", ts=1.5)) == {
+        "type": "error",
+        "error": "rate_limited",
+        "reason": "slow down",
+        "ts": 1.5,
+    }
 
 
 @pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])

@@ -80,7 +80,7 @@ def test_first_close_request_wins() -> None:
 class ExplodingConnection(Connection):
     __slots__ = ()
 
-    def request_close(self, code: int, reason: str) -> bool:
+    def request_close(self, code: int, reason: str, final: Frame | None = None) -> bool:
         raise OSError("socket already gone")
 
 

@@ -68,6 +68,9 @@ def test_blank_variable_means_default() -> None:
         ("TRIO_WS_QUEUE_SIZE", "0", "TRIO_WS_QUEUE_SIZE must be an integer >= 1"),
         ("TRIO_WS_LOG_LEVEL", "loud", "TRIO_WS_LOG_LEVEL must be DEBUG or INFO"),
         ("TRIO_WS_CERTFILE", "cert.pem", "TRIO_WS_CERTFILE must be set together with keyfile"),
+        ("TRIO_WS_PUBLISH_RATE", "-1", "TRIO_WS_PUBLISH_RATE must be messages/s >= 0"),
+        ("TRIO_WS_PUBLISH_BURST", "2.5", "TRIO_WS_PUBLISH_BURST must be an integer"),
+        ("TRIO_WS_PUBLISH_BYTES_RATE", "-5", "TRIO_WS_PUBLISH_BYTES_RATE must be bytes/s >= 0"),
     ],
 )
 def test_invalid_values_are_clear_errors(name: str, value: str, message: str) -> None:
@@ -115,3 +118,21 @@ def test_connection_limits() -> None:
 def test_connection_limits_refused(name: str, value: str, message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         Settings.from_env({f"TRIO_WS_{name}": value})
+
+
+def test_publish_limits_are_on_by_default_and_0_turns_them_off() -> None:
+    default = Settings.from_env({})
+    assert (default.publish_rate, default.publish_burst, default.publish_bytes_rate) == (
+        10.0,
+        20,
+        65536,
+    )
+    off = Settings.from_env(
+        {
+            "TRIO_WS_PUBLISH_RATE": "0",
+            "TRIO_WS_PUBLISH_BURST": "0",
+            "TRIO_WS_PUBLISH_BYTES_RATE": "0",
+        }
+    )
+    assert (off.publish_rate, off.publish_burst, off.publish_bytes_rate) == (0.0, 0, 0)
+    assert "publish_rate=10/s publish_burst=20 publish_bytes_rate=65536/s" in default.describe()

@@ -24,6 +24,8 @@ from typing import Any, Literal, Protocol
 
 import trio
 
+from trio_ws.core.protocol import utf8_size
+
 Kind = Literal["message", "periodic"]
 
 
@@ -66,8 +68,9 @@ BROADCAST_OVERHEAD_BYTES = 64
 
 
 def approximate_size(message: Outgoing) -> int:
-    """About the bytes ``message`` takes in a frame, for history budgets."""
-    return len(message.text) + len(message.sender) + BROADCAST_OVERHEAD_BYTES
+    """About the bytes ``message`` takes in a frame, for history budgets: its text in UTF-8
+    (frames carry non-ASCII text unescaped), not its length in characters."""
+    return utf8_size(message.text) + len(message.sender) + BROADCAST_OVERHEAD_BYTES
 
 
 class HistoryBudget:

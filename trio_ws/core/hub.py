@@ -27,7 +27,7 @@ from trio_ws.core.forwarded import TrustedProxies
 from trio_ws.core.limits import Admission, LimitPolicy
 from trio_ws.core.protocol import CloseCode, Frame
 from trio_ws.core.registry import Connection, Registry
-from trio_ws.core.words import plural
+from trio_ws.core.words import loggable, plural
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -237,7 +237,7 @@ class Hub:
         LOGGER.info(
             "client %s resumed after %s: %d broadcasts replayed%s",
             connection.client_id,
-            since,
+            loggable(since),
             len(replayed),
             "" if history.complete else ", some were no longer available",
         )

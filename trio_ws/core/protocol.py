@@ -30,7 +30,8 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 1001
     #: The client sent a binary frame; the protocol is text only.
     UNSUPPORTED_DATA = 1003
-    #: The client id in the URL is not valid.
+    #: The client id or ``since`` in the URL is not valid, or the client stayed over its
+    #: publish limit (after an ``error`` frame).
     POLICY_VIOLATION = 1008
     #: The client sent a frame larger than ``max_message_size``.
     MESSAGE_TOO_BIG = 1009
@@ -117,6 +118,11 @@ class Frame:
         return self._wire
 
 
+def utf8_size(text: str) -> int:
+    """The bytes ``text`` takes in UTF-8 (``str.isascii`` is O(1): ASCII text is not encoded)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 def ws_text_frame(payload: bytes) -> bytes:
     """An unmasked, final WebSocket text frame (RFC 6455 section 5.2) carrying ``payload``."""
     length = len(payload)
@@ -132,9 +138,10 @@ def iso_time(ts: float) -> str:
 
 
 def _encode(frame: dict[str, object]) -> str:
-    # Compact separators: frames go to every client. ASCII only (non-ASCII text as \u escapes):
-    # a frame's length in characters is then its length in bytes.
-    return json.dumps(frame, separators=(",", ":"))
+    # Compact separators: frames go to every client. Non-ASCII text as itself, in UTF-8: \u
+    # escapes would triple Cyrillic text and turn a 4-byte emoji into 12. A frame's size in
+    # bytes is therefore not its length in characters: use len(Frame.wire).
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
 
 
 def new_instance_id() -> str:
@@ -179,6 +186,12 @@ def presence_frame(*, active_connections: int, ts: float) -> str:
     """The connection count changed: sent to this process's clients only, without an id (it is
     not a broadcast: no history, no broker), at most once per presence interval."""
     return _encode({"type": "presence", "active_connections": active_connections, "ts": ts})
+
+
+def error_frame(*, error: str, reason: str, ts: float) -> str:
+    """Sent to one client just before the server closes it for what it did: ``error`` is a
+    fixed word for programs (``rate_limited``), ``reason`` a sentence for people."""
+    return _encode({"type": "error", "error": error, "reason": reason, "ts": ts})
 
 
 def shutdown_frame(*, reason: str, seconds_left: float, ts: float) -> str:

@@ -46,6 +46,7 @@ class Connection:
         "close_reason",
         "closing",
         "connected_at",
+        "final_frame",
         "outbox",
         "peer",
         "resume_floor",
@@ -71,6 +72,8 @@ class Connection:
         self.outbox = Outbox(max_frames=queue_size, max_bytes=max_bytes, batch_limit=batch_limit)
         self.close_code: int | None = None
         self.close_reason = ""
+        #: A frame the shell writes just before the close frame (an ``error`` frame), if any.
+        self.final_frame: Frame | None = None
         #: Set with the close request: the connection takes no more frames.
         self.closing = False
         #: The shell's scope around this connection's reading and writing, cancelled by a
@@ -100,11 +103,13 @@ class Connection:
     def take_queued(self) -> list[Frame]:
         return self.outbox.take_queued()
 
-    def request_close(self, code: int, reason: str) -> bool:
-        """Ask the shell to close this connection; the first request wins. Idempotent."""
+    def request_close(self, code: int, reason: str, final: Frame | None = None) -> bool:
+        """Ask the shell to close this connection, after writing ``final`` if given (what is
+        still queued is dropped); the first request wins. Idempotent."""
         if self.closing:
             return False
         self.close_code, self.close_reason = code, reason
+        self.final_frame = final
         self.closing = True
         if self._close_scope is not None:
             self._close_scope.cancel()

@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--redis-url", metavar="URL", help="broadcast through Redis (redis://host:6379/0)")
     add("--redis-prefix", metavar="PREFIX", help="prefix of every Redis key (trio_ws)")
     add("--redis-stream-maxlen", type=int, metavar="N", help="replay window in broadcasts (10000)")
+    add("--publish-rate", type=float, metavar="N", help="messages/s per connection, 0=off (10)")
+    add("--publish-burst", type=int, metavar="N", help="messages at once per connection (20)")
+    add(
+        "--publish-bytes-rate",
+        type=int,
+        metavar="BYTES",
+        help="bytes/s per connection, 0=off (65536)",
+    )
     add(
         "--max-connections",
         type=int,

@@ -20,7 +20,15 @@ import trio
 from trio_ws.core import protocol
 from trio_ws.core.hub import REFUSED_REASON
 from trio_ws.core.limits import address_key
-from trio_ws.core.protocol import ClientIdError, CloseCode, ResumeError, StaleAttemptError
+from trio_ws.core.protocol import (
+    ClientIdError,
+    CloseCode,
+    Frame,
+    ResumeError,
+    StaleAttemptError,
+)
+from trio_ws.core.publish_limits import RATE_LIMITED_REASON, PublishLimit, PublishPolicy
+from trio_ws.core.words import loggable
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -59,6 +67,7 @@ class WebSocketEndpoint:
         self.hub = hub
         self.direct = direct
         self.max_message_size = hub.settings.max_message_size
+        self.publish_policy = PublishPolicy.from_settings(hub.settings)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         attempt = self.hub.new_attempt()
@@ -71,6 +80,8 @@ class WebSocketEndpoint:
         sink = self.direct.open_sink(send)
         hub = self.hub
         address, peer = client_address(hub, scope)
+        # Escaped and cut once here: the peer goes into log lines all the way down the core.
+        peer = loggable(peer)
         if hub.draining:
             hub.note_refused(peer)
             await _close(sink, CloseCode.GOING_AWAY, REFUSED_REASON, peer)
@@ -108,7 +119,7 @@ class WebSocketEndpoint:
                 protocol.validate_since(since)
             connection = hub.connect(client_id, peer, resuming=since is not None, attempt=attempt)
         except (ClientIdError, ResumeError) as error:
-            LOGGER.info("refused %s from %s: %s", _describe_path(scope), peer, error)
+            LOGGER.info("refused %s from %s: %s", loggable(_describe_path(scope)), peer, error)
             await _close(sink, CloseCode.POLICY_VIOLATION, str(error), peer)
             return
         except StaleAttemptError as error:
@@ -124,15 +135,25 @@ class WebSocketEndpoint:
                 nursery.cancel_scope.cancel()  # the client left: stop the writer
             if connection.close_code is not None:
                 await _close(
-                    sink, connection.close_code, connection.close_reason, connection.client_id
+                    sink,
+                    connection.close_code,
+                    connection.close_reason,
+                    connection.client_id,
+                    final=connection.final_frame,
                 )
         finally:
             hub.disconnect(connection)
 
     async def _read(self, receive: Receive, connection: Connection) -> None:
-        """Publish what the client sends until it disconnects or breaks a rule."""
+        """Publish what the client sends until it disconnects or breaks a rule.
+
+        Over its publish limit, the client is not read until its tokens are back (TCP slows it
+        down); over it for too long, it gets an ``error`` frame and 1008 (core/publish_limits.py).
+        """
         max_size = self.max_message_size
         publish = self.hub.publish
+        policy = self.publish_policy
+        limit = PublishLimit(policy, trio.current_time()) if policy.enabled else None
         while True:
             event = await receive()
             kind = event["type"]
@@ -146,15 +167,37 @@ class WebSocketEndpoint:
                     CloseCode.UNSUPPORTED_DATA, "binary frames are not supported; send text"
                 )
                 return
-            # len() counts characters; UTF-8 needs at most 4 bytes for each.
-            if len(data) > max_size or (
-                len(data) * 4 > max_size and len(data.encode("utf-8")) > max_size
-            ):
+            # len() counts characters, each at least one byte in UTF-8.
+            size = max_size + 1 if len(data) > max_size else protocol.utf8_size(data)
+            if size > max_size:
                 connection.request_close(
                     CloseCode.MESSAGE_TOO_BIG, f"message larger than {max_size} bytes"
                 )
                 return
+            if limit is not None and not await limit.admit(size):
+                self._close_flooder(connection, limit)
+                return
             await publish(connection.client_id, data)
+
+    def _close_flooder(self, connection: Connection, limit: PublishLimit) -> None:
+        policy = limit.policy
+        rules = []
+        if policy.rate > 0:
+            rules.append(f"{policy.rate:g} messages/s (bursts of {policy.burst})")
+        if policy.bytes_rate > 0:
+            rules.append(f"{policy.bytes_rate} bytes/s")
+        reason = (
+            f"over the publish limit ({' and '.join(rules)}) for {policy.close_after_s:g}s; "
+            "closing with 1008"
+        )
+        LOGGER.warning(
+            "client %s (%s) closed with 1008: over its publish limit for %gs",
+            connection.client_id,
+            connection.peer,
+            policy.close_after_s,
+        )
+        error = protocol.error_frame(error="rate_limited", reason=reason, ts=self.hub.wall_time())
+        connection.request_close(CloseCode.POLICY_VIOLATION, RATE_LIMITED_REASON, Frame(error))
 
 
 def client_address(hub: Hub, scope: dict[str, Any]) -> tuple[str, str]:
@@ -183,12 +226,19 @@ def _describe_path(scope: dict[str, Any]) -> str:
     return path + (f"?{query}" if query else "")
 
 
-async def _close(sink: AsgiSink, code: int, reason: str, who: str) -> None:
-    """Send a close frame; an error here concerns this client only, so log it and move on."""
+async def _close(
+    sink: AsgiSink, code: int, reason: str, who: str, *, final: Frame | None = None
+) -> None:
+    """Send ``final`` (if any), then a close frame; an error here concerns this client only,
+    so log it and move on."""
     with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True) as scope:
         try:
+            if final is not None:
+                await sink.write([final])
             await sink.close(code, reason)
         except Exception as error:
-            LOGGER.warning("error closing client %s with %d: %r", who, code, error)
+            LOGGER.warning("error closing client %s with %d: %r", loggable(who), code, error)
     if scope.cancelled_caught:
-        LOGGER.warning("client %s did not take its close frame within %gs", who, CLOSE_TIMEOUT_S)
+        LOGGER.warning(
+            "client %s did not take its close frame within %gs", loggable(who), CLOSE_TIMEOUT_S
+        )
