@@ -359,15 +359,18 @@ def flood(args: argparse.Namespace) -> None:
     reader.start()
     started = time.monotonic()
     sent = 0
-    sock.settimeout(0.2)
+    sock.settimeout(0.2)  # to notice the end or the close while the server is not reading
+    view, offset = memoryview(chunk), 0
     while not closed.is_set() and time.monotonic() - started < args.duration:
         try:
-            sock.sendall(chunk)
+            offset += sock.send(view[offset:])  # never resend a part already sent
         except TimeoutError:
-            continue  # the server stopped reading: try again (or notice the close)
+            continue
         except OSError:
             break
-        sent += 32
+        if offset == len(chunk):
+            offset = 0
+            sent += 32
     ended = time.monotonic() - started
     closed.set()
     reader.join(timeout=5)

@@ -11,6 +11,7 @@ which reads its echoes so it is never cut as slow); the well-behaved publisher i
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,11 @@ ENV = {
 LOADGEN = str(Path(loadgen.__file__))
 LISTENER_PROCESSES = 2
 LISTENERS_EACH = 75
-#: The well-behaved publisher: 5 messages a second, half the default limit.
-PROBES = 40
-PROBE_EVERY_S = 0.2
+#: The well-behaved publisher: 8 messages a second, under the default limit, for 10 s. Each
+#: probe makes 150 samples, so the p99 is about the worst probe but one: many probes make one
+#: stall of a crowded machine (not the flooder's doing) count for less.
+PROBES = 80
+PROBE_EVERY_S = 0.125
 #: Longer than the default 10 s of throttling after which the flooder is closed.
 FLOOD_S = 16.0
 
@@ -46,7 +49,7 @@ async def _collect(argv: list[str], out: list[dict[str, Any]]) -> None:
 
 
 async def _probe(port: int) -> None:
-    """A well-behaved publisher: a marked message every 0.2 s; it reads (and drops) whatever
+    """A well-behaved publisher: a marked message every 0.125 s; it reads (and drops) whatever
     the server sends it."""
     sock, _ = await trio.to_thread.run_sync(loadgen.connect, "127.0.0.1", port, "/ws/probe")
     sock.setblocking(False)
@@ -104,12 +107,13 @@ async def test_a_flooder_is_throttled_and_closed_and_listeners_stay_on_time() ->
         lost = sum(report["lost"] for report in listeners)
         flood = floods[0]
         print(
-            f"listeners: {LISTENER_PROCESSES * LISTENERS_EACH}, p99 {p99:.1f} ms, "
+            f"listeners: {LISTENER_PROCESSES * LISTENERS_EACH}, min {latencies_ms[0]:.1f} ms, "
+            f"p50 {latencies_ms[len(latencies_ms) // 2]:.1f} ms, p99 {p99:.1f} ms, "
             f"max {latencies_ms[-1]:.1f} ms, evicted {evicted}, lost {lost}; flooder: {flood}"
         )
         assert evicted == 0
         assert lost == 0
-        assert p99 < 50
+        assert p99 < 50, f"load average {os.getloadavg()}"
         # Throttled: its burst (20) and 10 messages a second until closed, not thousands.
         assert flood["echoes"] <= 20 + 10 * flood["seconds"] + 20
         assert flood["close_code"] == 1008
