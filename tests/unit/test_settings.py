@@ -80,3 +80,15 @@ def test_describe_names_every_behaviour_setting() -> None:
     assert "drain_timeout=30s" in line
     assert "broadcast_interval=10s" in line
     assert "max_message_size=65536" in line
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("on", True), ("OFF", False), (" On ", True)])
+def test_compression_is_on_or_off(raw: str, expected: bool) -> None:
+    assert Settings.from_env({}).compression is False
+    assert Settings.from_env({"TRIO_WS_COMPRESSION": raw}).compression is expected
+    assert f"compression={raw.strip().lower()}" in Settings(compression=expected).describe()
+
+
+def test_compression_refuses_anything_else() -> None:
+    with pytest.raises(SettingsError, match="TRIO_WS_COMPRESSION must be on or off, got 'yes'"):
+        Settings.from_env({"TRIO_WS_COMPRESSION": "yes"})

@@ -47,7 +47,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.handshake import server_extensions_handshake
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Iterable
 
     from wsproto.frame_protocol import FrameDecoder, FrameProtocol
 
@@ -56,31 +56,21 @@ VERIFIED_HYPERCORN = ("0.18.0",)
 VERIFIED_WSPROTO = ("1.3.2",)
 _MARK = "_trio_ws_limited"
 
-#: What the replaced and wrapped Hypercorn code must still be, by the names its code uses.
-_EXPECTED: dict[Callable[..., Any], tuple[str, ...]] = {
-    WSStream._handle_events: (
-        "connection",
-        "events",
-        "buffer",
-        "extend",
-        "FrameTooLargeError",
-        "app_put",
-        "to_message",
-        "clear",
-        "_send_wsproto_event",
-        "StreamClosed",
-        "stream_id",
+#: What the replaced and wrapped code must still be, by the names its code uses (looked up when
+#: checked: Hypercorn's own, under this module's wrapper once installed).
+_EXPECTED: dict[tuple[type, str], tuple[str, ...]] = {
+    (WSStream, "_handle_events"): (
+        "connection", "events", "buffer", "extend", "FrameTooLargeError", "app_put",
+        "to_message", "clear", "_send_wsproto_event", "StreamClosed", "stream_id",
     ),
-    WSStream._accept: ("handshake", "accept", "connection", "send"),
-    WSStream.handle: ("StreamClosed", "closed", "app_put", "receive_data", "_handle_events"),
-    Handshake.accept: ("extensions", "server_extensions_handshake", "PerMessageDeflate"),
-    WebsocketBuffer.__init__: ("value", "length", "max_length"),
-    PerMessageDeflate.__init__: (
-        "_decompressor",
-        "_inbound_compressed",
-        "_inbound_is_compressible",
+    (WSStream, "_accept"): ("handshake", "accept", "connection", "send"),
+    (WSStream, "handle"): ("StreamClosed", "closed", "app_put", "receive_data", "_handle_events"),
+    (Handshake, "accept"): ("extensions", "server_extensions_handshake", "PerMessageDeflate"),
+    (WebsocketBuffer, "__init__"): ("value", "length", "max_length"),
+    (PerMessageDeflate, "__init__"): (
+        "_decompressor", "_inbound_compressed", "_inbound_is_compressible",
     ),
-}
+}  # fmt: skip
 
 
 class HypercornLimitsError(RuntimeError):
@@ -118,6 +108,7 @@ def install() -> None:
         await original_accept(self, message)
 
     setattr(_handle_events, _MARK, True)
+    _handle_events.__wrapped__ = WSStream._handle_events  # type: ignore[attr-defined]
     _accept.__wrapped__ = original_accept  # type: ignore[attr-defined]
     WSStream._handle_events = _handle_events  # type: ignore[method-assign]
     WSStream._accept = _accept  # type: ignore[method-assign]
@@ -129,13 +120,16 @@ def check() -> str | None:
         installed = version(package)
         if installed not in verified:
             return f"{package} {installed} is not a verified release"
-    for function, names in _EXPECTED.items():
-        code = getattr(getattr(function, "__wrapped__", function), "__code__", None)
+    for (owner, attribute), names in _EXPECTED.items():
+        function = getattr(owner, attribute, None)
+        function = getattr(function, "__wrapped__", function)
+        code = getattr(function, "__code__", None)
+        where = f"{owner.__name__}.{attribute}"
         if code is None:
-            return f"{function.__qualname__} is gone"
+            return f"{where} is gone"
         missing = [name for name in names if name not in code.co_names]
         if missing:
-            return f"{function.__qualname__} no longer uses {', '.join(missing)}"
+            return f"{where} no longer uses {', '.join(missing)}"
     return None
 
 
