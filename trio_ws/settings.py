@@ -44,8 +44,12 @@ class Settings:
     presence_interval: float = 1.0
     #: How often the drain logs its progress.
     progress_interval: float = 10.0
-    #: Largest text frame a client may send; larger ones are closed with 1009.
+    #: Largest message a client may send, in bytes of UTF-8; larger ones are closed with 1009,
+    #: as soon as the bytes over the limit arrive.
     max_message_size: int = 64 * 1024
+    #: Whether to negotiate permessage-deflate with clients that offer it (inflation is capped
+    #: at ``max_message_size``); off: no extension is negotiated.
+    compression: bool = False
     #: Frames queued for one client before it counts as slow and is disconnected (4008); a
     #: resuming client is replayed at most half as many.
     queue_size: int = 4096
@@ -201,13 +205,6 @@ class Settings:
         arrives live meanwhile still fits."""
         return self.outbox_bytes // 2
 
-    @property
-    def transport_max_message_size(self) -> int:
-        """The limit given to Hypercorn: above ours, so that the app sees an oversized message
-        and closes the connection itself (Hypercorn's own 1009 leaves the connection open until
-        the client answers it), yet bounded, so a huge frame is never buffered whole."""
-        return 4 * self.max_message_size + 1024
-
     def with_changes(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
@@ -218,7 +215,8 @@ class Settings:
             f"broadcast_interval={self.broadcast_interval:g}s "
             f"progress_interval={self.progress_interval:g}s "
             f"presence_interval={self.presence_interval:g}s "
-            f"max_message_size={self.max_message_size} queue_size={self.queue_size} "
+            f"max_message_size={self.max_message_size} "
+            f"compression={'on' if self.compression else 'off'} queue_size={self.queue_size} "
             f"outbox_bytes={self.outbox_bytes} "
             f"ping_interval={self.ping_interval:g}s stall_timeout={self.stall_timeout:g}s "
             f"publish_rate={self.publish_rate:g}/s publish_burst={self.publish_burst} "
@@ -282,6 +280,14 @@ def _is_network(entry: str) -> bool:
     return True
 
 
+def on_off(raw: str) -> bool:
+    """``on`` or ``off`` (any case), for switches such as ``TRIO_WS_COMPRESSION``."""
+    value = raw.strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(raw)
+    return value == "on"
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "host": str,
     "port": int,
@@ -290,6 +296,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "progress_interval": _number,
     "presence_interval": _number,
     "max_message_size": int,
+    "compression": on_off,
     "queue_size": int,
     "outbox_bytes": int,
     "ping_interval": _number,
@@ -314,5 +321,5 @@ def _parse(name: str, raw: str, parser: Callable[[str], Any]) -> Any:
     try:
         return parser(raw)
     except ValueError:
-        kind = "an integer" if parser is int else "a number"
+        kind = "on or off" if parser is on_off else "an integer" if parser is int else "a number"
         raise SettingsError(f"{name} must be {kind}, got {raw!r}") from None

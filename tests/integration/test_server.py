@@ -511,16 +511,13 @@ async def test_partial_writes_never_interleave_with_hypercorn_frames(
     victim.close()
 
 
-async def test_uncompressed_frames_on_a_permessage_deflate_connection(
-    server: RunningServer,
-) -> None:
-    """Browsers offer permessage-deflate and Hypercorn accepts it; the direct writer's frames are
-    uncompressed (RSV1 clear), which RFC 7692 allows, and read as plain JSON."""
-    host, port = host_port(server)
+async def _deflate_handshake(
+    host: str, port: int, path: str
+) -> tuple[trio.socket.SocketType, bytes]:
     sock = trio.socket.socket()
     await sock.connect((host, port))
     await sock.send(
-        f"GET /ws/deflate HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         "Sec-WebSocket-Version: 13\r\n"
         "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n".encode()
@@ -529,7 +526,28 @@ async def test_uncompressed_frames_on_a_permessage_deflate_connection(
     with trio.fail_after(5):
         while b"\r\n\r\n" not in response:
             response += await sock.recv(1)
+    assert response.startswith(b"HTTP/1.1 101"), response
+    return sock, response
+
+
+async def test_no_extension_is_negotiated_by_default(server: RunningServer) -> None:
+    """TRIO_WS_COMPRESSION is off by default: an offer of permessage-deflate is declined."""
+    sock, response = await _deflate_handshake(*host_port(server), "/ws/plain")
+    sock.close()
+    assert b"sec-websocket-extensions" not in response.lower()
+
+
+async def test_uncompressed_frames_on_a_permessage_deflate_connection(
+    start_server: StartServer,
+) -> None:
+    """With compression on, Hypercorn accepts permessage-deflate (with no context takeover);
+    the direct writer's frames are uncompressed (RSV1 clear), which RFC 7692 allows, and read
+    as plain JSON."""
+    server = await start_server(compression=True)
+    host, port = host_port(server)
+    sock, response = await _deflate_handshake(host, port, "/ws/deflate")
     assert b"permessage-deflate" in response.lower()
+    assert b"client_no_context_takeover" in response.lower()
     with trio.fail_after(5):
         header = await sock.recv(2)
         length = header[1] & 0x7F

@@ -8,6 +8,7 @@ that the attacker's connection was closed, and that the bystander still gets bro
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -53,24 +54,24 @@ def host_port(url: str) -> tuple[str, int]:
 
 
 @pytest.mark.parametrize("argv", MODES.values(), ids=MODES.keys())
-async def test_oversized_text_then_binary_ends_only_that_connection(argv: Sequence[str]) -> None:
-    """Hypercorn's message buffer, left holding text after its own 1009, gets bytes: TypeError."""
+async def test_oversized_text_then_binary_is_refused_without_an_error(argv: Sequence[str]) -> None:
+    """Hypercorn 0.18 alone kept its message buffer holding text after its own 1009, and a
+    binary frame then raised TypeError. The limit inside Hypercorn (shell/hypercorn_limits.py)
+    clears the buffer and closes the connection with its 1009: nothing raises."""
     async with running(argv, ENV) as server:
         url = await server.ws_url()
         async with bystander(url) as ws:
             sock = await raw_handshake(*host_port(url), "/ws/attacker")
-            # 300,000 characters: over Hypercorn's limit (4 x 65,536 + 1,024 = 263,168).
-            await sock.send(masked_bulk(TEXT, 300_000))
-            # Hypercorn answers 1009 but keeps the connection, and its buffer, open. The binary
-            # frame must come in a later read than the text (sent together, Hypercorn leaves
-            # it unparsed until more data comes).
+            with contextlib.suppress(OSError):  # the server may close before all is sent
+                await sock.send(masked_bulk(TEXT, 300_000))
             close = await read_until_close_frame(sock)
-            assert b"\x88\x02\x03\xf1" in close  # 1009 from Hypercorn
-            await sock.send(client_frame(BINARY, b"0123456789"))
+            assert b"\x03\xf1message larger than 65536 bytes" in close  # 1009
+            with contextlib.suppress(OSError):
+                await sock.send(client_frame(BINARY, b"0123456789"))
             await wait_closed(sock)
             sock.close()
             await assert_still_served(server, url, ws)
-        assert (await server.wait_for_line(CONTAINED)).group(1) == "TypeError"
+        assert server.count("error inside Hypercorn") == 0
 
 
 def _h2_client() -> h2.connection.H2Connection:

@@ -136,3 +136,15 @@ def test_publish_limits_are_on_by_default_and_0_turns_them_off() -> None:
     )
     assert (off.publish_rate, off.publish_burst, off.publish_bytes_rate) == (0.0, 0, 0)
     assert "publish_rate=10/s publish_burst=20 publish_bytes_rate=65536/s" in default.describe()
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("on", True), ("OFF", False), (" On ", True)])
+def test_compression_is_on_or_off(raw: str, expected: bool) -> None:
+    assert Settings.from_env({}).compression is False
+    assert Settings.from_env({"TRIO_WS_COMPRESSION": raw}).compression is expected
+    assert f"compression={raw.strip().lower()}" in Settings(compression=expected).describe()
+
+
+def test_compression_refuses_anything_else() -> None:
+    with pytest.raises(SettingsError, match="TRIO_WS_COMPRESSION must be on or off, got 'yes'"):
+        Settings.from_env({"TRIO_WS_COMPRESSION": "yes"})

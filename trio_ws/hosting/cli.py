@@ -15,7 +15,7 @@ import trio
 from trio_ws import __version__
 from trio_ws.hosting import launcher as serving
 from trio_ws.hosting.logs import configure_logging
-from trio_ws.settings import LOG_LEVELS, Settings, SettingsError, parse_proxies
+from trio_ws.settings import LOG_LEVELS, Settings, SettingsError, on_off, parse_proxies
 
 LOGGER = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--progress-interval", type=float, metavar="S", help="drain progress log interval (10)")
     add("--max-message-size", type=int, metavar="BYTES", help="largest client frame (65536)")
+    add("--compression", type=on_off, metavar="on|off", help="permessage-deflate (off)")
     add("--queue-size", type=int, metavar="N", help="frames queued per client before 4008 (4096)")
     add(
         "--outbox-bytes",

@@ -21,7 +21,7 @@ from trio_ws.hosting.logs import configure_logging
 from trio_ws.hosting.modes import RunMode
 from trio_ws.hosting.sockets import tune_listeners
 from trio_ws.settings import Settings
-from trio_ws.shell import hypercorn_guard
+from trio_ws.shell import hypercorn_guard, hypercorn_limits
 from trio_ws.shell.app import TrioWsApp, create_app
 from trio_ws.shell.sinks import DirectPath
 
@@ -91,7 +91,10 @@ def build_app(
         # Before anything is served, in every run mode: without it one client can stop the
         # server (docs/design/hypercorn.md, "Errors inside Hypercorn").
         hypercorn_guard.install()
-    except hypercorn_guard.HypercornGuardError as error:
+        # And without this one a client can fill the memory (docs/design/hypercorn.md, "The
+        # message-size limit").
+        hypercorn_limits.install()
+    except (hypercorn_guard.HypercornGuardError, hypercorn_limits.HypercornLimitsError) as error:
         signals.exit_at_startup(str(error))
     hub = hub if hub is not None else create_hub(settings)
     app = create_app(hub, lifespan=partial(_lifespan, settings, hub, run_mode))

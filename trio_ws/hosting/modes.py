@@ -50,9 +50,10 @@ def configure_hypercorn(config: Config, settings: Settings, *, graceful_timeout_
             graceful_timeout_s,
         )
     config.graceful_timeout = graceful_timeout_s
-    # This bounds what Hypercorn buffers of one message (16 MiB by default); the app closes
-    # anything over max_message_size itself.
-    config.websocket_max_message_size = settings.transport_max_message_size
+    # Exactly ours (Hypercorn's default is 16 MiB): shell/hypercorn_limits.py applies it, in
+    # bytes, while a message arrives. Under --workers 0 this config is out of reach; the
+    # limit, which comes from the app, holds there too.
+    config.websocket_max_message_size = settings.max_message_size
     # No HTTP/2 over TLS (ALPN offers only HTTP/1.1): browsers then open their WebSockets over
     # HTTP/1.1, where the direct writer works, and never reach Hypercorn's HTTP/2 code. Cleartext
     # HTTP/2 cannot be turned off in Hypercorn; docs/design/hypercorn.md, "HTTP/2".

@@ -15,6 +15,7 @@ from quart_trio import QuartTrio
 
 from trio_ws import __version__
 from trio_ws.core.health import health_report
+from trio_ws.shell.hypercorn_limits import WebSocketLimits
 from trio_ws.shell.sinks import DirectPath
 from trio_ws.shell.websocket import WebSocketEndpoint, is_websocket_path
 
@@ -49,6 +50,8 @@ class TrioWsApp(QuartTrio):
     direct: DirectPath
     #: How the process was started, for /health (set by the host's lifespan).
     run_mode: Any = None
+    #: What one incoming message may be, applied inside Hypercorn (shell/hypercorn_limits.py).
+    websocket_limits: WebSocketLimits
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket" and is_websocket_path(scope["path"]):
@@ -62,6 +65,9 @@ def create_app(hub: Hub, *, lifespan: Lifespan | None = None) -> TrioWsApp:
     app = TrioWsApp(__name__, template_folder=str(templates_dir()))
     app.hub = hub
     app.direct = DirectPath()
+    app.websocket_limits = WebSocketLimits(
+        hub.settings.max_message_size, compression=hub.settings.compression
+    )
 
     if lifespan is not None:
         app.while_serving(partial(lifespan, app))

@@ -7,7 +7,8 @@ line the parent stops every worker. Inputs that do it with Hypercorn 0.18.0 (tes
 tests/system/test_hostile_input.py):
 
 * a text message over ``websocket_max_message_size``, then a binary one: the message buffer is
-  never cleared after Hypercorn's 1009 and gets bytes while holding text (``TypeError``);
+  never cleared after Hypercorn's 1009 and gets bytes while holding text (``TypeError``; no
+  longer reachable with :mod:`trio_ws.shell.hypercorn_limits`, which closes at its 1009);
 * over HTTP/2, a DATA frame on a stream Hypercorn has finished (``KeyError``,
   pgjones/hypercorn#329);
 * an app accepting a subprotocol the client did not offer (``AttributeError``; trio_ws never

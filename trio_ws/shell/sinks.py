@@ -63,7 +63,9 @@ def check_direct_path() -> str | None:
         TCPServer.__init__: ("stream", "send_lock"),
     }
     for init, names in needs.items():
-        missing = [name for name in names if name not in init.__code__.co_names]
+        # Hypercorn's own code, under shell/hypercorn_limits.py's wrapper if it is installed.
+        code = getattr(init, "__wrapped__", init).__code__
+        missing = [name for name in names if name not in code.co_names]
         if missing:
             return f"{init.__qualname__} no longer sets {', '.join(missing)}"
     for cls, method in ((WSStream, "app_send"), (TCPServer, "protocol_send")):
