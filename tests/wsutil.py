@@ -130,12 +130,11 @@ async def http_json(base_url: str, path: str) -> tuple[int, dict[str, Any]]:
     return status, parsed
 
 
-async def read_server_frames(
-    sock: trio.socket.SocketType, timeout: float = 10
-) -> list[tuple[int, bytes]]:
-    """Read unmasked server frames from a raw socket until a close frame; (opcode, payload)."""
-    buffer = b""
-    frames: list[tuple[int, bytes]] = []
+async def next_server_frame(
+    sock: trio.socket.SocketType, buffer: bytes
+) -> tuple[int, bytes, bytes]:
+    """The next unmasked server frame from a raw socket, given what was read past the last one:
+    (opcode, payload, what was read past this one)."""
 
     async def need(count: int) -> None:
         nonlocal buffer
@@ -144,19 +143,28 @@ async def read_server_frames(
             assert chunk, "connection ended without a close frame"
             buffer += chunk
 
+    await need(2)
+    opcode, length = buffer[0] & 0x0F, buffer[1] & 0x7F
+    header = 2
+    if length == 126:
+        await need(4)
+        length, header = int.from_bytes(buffer[2:4], "big"), 4
+    elif length == 127:
+        await need(10)
+        length, header = int.from_bytes(buffer[2:10], "big"), 10
+    await need(header + length)
+    return opcode, buffer[header : header + length], buffer[header + length :]
+
+
+async def read_server_frames(
+    sock: trio.socket.SocketType, timeout: float = 10
+) -> list[tuple[int, bytes]]:
+    """Read unmasked server frames from a raw socket until a close frame; (opcode, payload)."""
+    buffer = b""
+    frames: list[tuple[int, bytes]] = []
     with trio.fail_after(timeout):
         while True:
-            await need(2)
-            opcode, length = buffer[0] & 0x0F, buffer[1] & 0x7F
-            header = 2
-            if length == 126:
-                await need(4)
-                length, header = int.from_bytes(buffer[2:4], "big"), 4
-            elif length == 127:
-                await need(10)
-                length, header = int.from_bytes(buffer[2:10], "big"), 10
-            await need(header + length)
-            frames.append((opcode, buffer[header : header + length]))
-            buffer = buffer[header + length :]
+            opcode, payload, buffer = await next_server_frame(sock, buffer)
+            frames.append((opcode, payload))
             if opcode == 0x8:
                 return frames

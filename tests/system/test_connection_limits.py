@@ -19,7 +19,7 @@ import trio
 
 from tests.procutil import LAUNCHER, hypercorn, running
 from tests.system.test_nginx import nginx_in_front, port_of
-from tests.wsutil import http_json, raw_handshake, wait_until
+from tests.wsutil import http_json, next_server_frame, raw_handshake, wait_until
 
 ENV = {
     "TRIO_WS_BROADCAST_INTERVAL": "0",
@@ -39,25 +39,9 @@ async def first_frame(sock: trio.socket.SocketType, timeout: float = 10) -> str 
     """What the server said first after the handshake: the type of its first text frame
     (``welcome``), or the code of its close frame."""
     buffer = b""
-
-    async def need(count: int) -> None:
-        nonlocal buffer
-        while len(buffer) < count:
-            chunk = await sock.recv(65536)
-            assert chunk, "connection ended without a frame"
-            buffer += chunk
-
     with trio.fail_after(timeout):
         while True:
-            await need(2)
-            opcode, length = buffer[0] & 0x0F, buffer[1] & 0x7F
-            header = 2
-            if length == 126:
-                await need(4)
-                length, header = int.from_bytes(buffer[2:4], "big"), 4
-            await need(header + length)
-            payload = buffer[header : header + length]
-            buffer = buffer[header + length :]
+            opcode, payload, buffer = await next_server_frame(sock, buffer)
             if opcode == 0x8:
                 return int.from_bytes(payload[:2], "big")
             if opcode == 0x1:
