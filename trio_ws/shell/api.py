@@ -24,6 +24,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from trio_ws.core import protocol
 from trio_ws.core.broker import BrokerState
+from trio_ws.core.throttle import Throttle
 from trio_ws.core.words import loggable
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ PUBLISH_TIMEOUT_S = 5.0
 #: before anything is parsed, is this many times the message-size limit, plus the envelope.
 BODY_EXPANSION = 6
 BODY_ENVELOPE_BYTES = 1024
+
+#: At most one log line per this many seconds for refused requests (a key being guessed).
+REFUSAL_LOG_EVERY_S = 10.0
 
 Answer = tuple[dict[str, Any], int, dict[str, str]]
 
@@ -78,10 +82,20 @@ def register(app: Quart, hub: Hub, key: str) -> None:
     max_size = settings.max_message_size
     publisher = settings.api_publisher_name
 
+    refusals = Throttle(REFUSAL_LOG_EVERY_S)
+
     def refused() -> Answer | None:
         if bearer_matches(request.headers.get("Authorization"), key):
             return None
-        LOGGER.warning("api: %s %s refused (401) from %s", request.method, request.path, _who())
+        count = refusals.event(trio.current_time())
+        if count is not None:
+            LOGGER.warning(
+                "api: %s %s refused (401) from %s (%d refused since the last line)",
+                request.method,
+                loggable(request.path),
+                _who(),
+                count,
+            )
         return _answer(401, error="unauthorized", reason="send Authorization: Bearer <api key>")
 
     @app.post("/publish")
