@@ -102,7 +102,13 @@ async def test_publish_refusals() -> None:
                 assert (status, answer["error"]) == (401, "unauthorized")
                 assert received["www-authenticate"].startswith("Bearer")
             # Bad JSON, or JSON without a text: 400.
-            for body in (b"{not json", b'"just a string"', b'{"text": 5}', b"\xff\xfe"):
+            for body in (
+                b"{not json",
+                b'"just a string"',
+                b'{"text": 5}',
+                b"\xff\xfe",
+                b'{"text": "x", "from": "alice"}',  # the key's name is fixed by the server
+            ):
                 status, _, answer = await post_json(base, body, AUTH)
                 assert (status, answer["error"]) == (400, "bad_json"), body
             # Over TRIO_WS_MAX_MESSAGE_SIZE (2048 bytes of UTF-8): 413.

@@ -111,7 +111,8 @@ def register(app: Quart, hub: Hub, key: str) -> None:
         except (ValueError, UnicodeDecodeError):
             return _answer(400, error="bad_json", reason='send a JSON object: {"text": "..."}')
         text = parsed.get("text") if isinstance(parsed, dict) else None
-        if not isinstance(text, str):
+        if not isinstance(text, str) or len(parsed) != 1:
+            # Strict: a "from" or any other field would be silently ignored otherwise.
             return _answer(400, error="bad_json", reason='send a JSON object: {"text": "..."}')
         if protocol.utf8_size(text) > max_size:
             return _answer(413, error="too_large", reason=f"message larger than {max_size} bytes")
