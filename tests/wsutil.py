@@ -134,12 +134,14 @@ async def http_request(
     timeout: float = 5,
 ) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 request over a fresh connection: the status, the headers (names in lower
-    case) and the body. A ``Content-Length`` is sent for ``body`` unless ``headers`` has one."""
+    case) and the body. A ``Content-Length`` is sent for ``body`` unless ``headers`` has one
+    (``""`` to send none)."""
     host_port = base_url.split("://", 1)[1]
     host, port = host_port.rsplit(":", 1)
     sent = {"Host": host_port, "Connection": "close", **(headers or {})}
     if body or method in ("POST", "PUT"):
         sent.setdefault("Content-Length", str(len(body)))
+    sent = {name: value for name, value in sent.items() if value}  # "" leaves a header out
     head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in sent.items())
     with trio.fail_after(timeout):
         stream = await trio.open_tcp_stream(host, int(port))

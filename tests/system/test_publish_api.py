@@ -119,6 +119,17 @@ async def test_publish_refusals() -> None:
                 base, "POST", "/publish", headers={**AUTH, "Content-Length": "100000000"}
             )
             assert status == 413
+            # A chunked body (no length announced) over the bound: 413, read no further.
+            chunk = b'{"text": "' + b"x" * 50_000
+            chunked = b"%x\r\n%s\r\n" % (len(chunk), chunk) * 20 + b"0\r\n\r\n"
+            status, _, _ = await http_request(
+                base,
+                "POST",
+                "/publish",
+                headers={**AUTH, "Transfer-Encoding": "chunked", "Content-Length": ""},
+                body=chunked,
+            )
+            assert status == 413
             # Exactly at the limit: accepted.
             status, _, _ = await post_json(base, {"text": "é" * 1024}, AUTH)
             assert status == 202
