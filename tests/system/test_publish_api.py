@@ -108,6 +108,7 @@ async def test_publish_refusals() -> None:
                 b'{"text": 5}',
                 b"\xff\xfe",
                 b'{"text": "x", "from": "alice"}',  # the key's name is fixed by the server
+                b"[" * 10_000,  # nesting deeper than the JSON parser recurses
             ):
                 status, _, answer = await post_json(base, body, AUTH)
                 assert (status, answer["error"]) == (400, "bad_json"), body

@@ -108,7 +108,7 @@ def register(app: Quart, hub: Hub, key: str) -> None:
             return _answer(413, error="too_large", reason=f"message larger than {max_size} bytes")
         try:
             parsed = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: nesting too deep to parse
             return _answer(400, error="bad_json", reason='send a JSON object: {"text": "..."}')
         text = parsed.get("text") if isinstance(parsed, dict) else None
         if not isinstance(text, str) or len(parsed) != 1:
