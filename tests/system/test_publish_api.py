@@ -109,6 +109,7 @@ async def test_publish_refusals() -> None:
                 b"\xff\xfe",
                 b'{"text": "x", "from": "alice"}',  # the key's name is fixed by the server
                 b"[" * 10_000,  # nesting deeper than the JSON parser recurses
+                b'{"text": "\\ud800"}',  # a lone surrogate: not text UTF-8 can carry
             ):
                 status, _, answer = await post_json(base, body, AUTH)
                 assert (status, answer["error"]) == (400, "bad_json"), body

@@ -114,7 +114,11 @@ def register(app: Quart, hub: Hub, key: str) -> None:
         if not isinstance(text, str) or len(parsed) != 1:
             # Strict: a "from" or any other field would be silently ignored otherwise.
             return _answer(400, error="bad_json", reason='send a JSON object: {"text": "..."}')
-        if protocol.utf8_size(text) > max_size:
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:  # a lone surrogate, from a "\\ud800" escape
+            return _answer(400, error="bad_json", reason="text must be valid Unicode")
+        if size > max_size:
             return _answer(413, error="too_large", reason=f"message larger than {max_size} bytes")
         if hub.broker.state is not BrokerState.UP:
             return _answer(503, accepted=False, reason="broker unavailable; try again")
@@ -122,7 +126,7 @@ def register(app: Quart, hub: Hub, key: str) -> None:
             await hub.publish(publisher, text)
             LOGGER.info(
                 "api: message of %d bytes published as %s by %s",
-                protocol.utf8_size(text),
+                size,
                 publisher,
                 _who(),
             )
