@@ -124,6 +124,44 @@ async def http_get(base_url: str, path: str, timeout: float = 5) -> tuple[int, s
     return int(lines[0].split(" ", 2)[1]), body.decode()
 
 
+async def http_request(
+    base_url: str,
+    method: str,
+    path: str,
+    *,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    timeout: float = 5,
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request over a fresh connection: the status, the headers (names in lower
+    case) and the body. A ``Content-Length`` is sent for ``body`` unless ``headers`` has one
+    (``""`` to send none)."""
+    host_port = base_url.split("://", 1)[1]
+    host, port = host_port.rsplit(":", 1)
+    sent = {"Host": host_port, "Connection": "close", **(headers or {})}
+    if body or method in ("POST", "PUT"):
+        sent.setdefault("Content-Length", str(len(body)))
+    sent = {name: value for name, value in sent.items() if value}  # "" leaves a header out
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in sent.items())
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            await stream.send_all(head.encode() + b"\r\n" + body)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some()
+            raw_head, _, answer = data.partition(b"\r\n\r\n")
+            lines = raw_head.decode("latin-1").split("\r\n")
+            received = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                received[name.strip().lower()] = value.strip()
+            # Hypercorn keeps the connection open a while even after "Connection: close".
+            while len(answer) < int(received.get("content-length", "0")):
+                answer += await stream.receive_some()
+    return int(lines[0].split(" ", 2)[1]), received, answer
+
+
 async def http_json(base_url: str, path: str) -> tuple[int, dict[str, Any]]:
     status, body = await http_get(base_url, path)
     parsed: dict[str, Any] = json.loads(body)

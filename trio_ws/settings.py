@@ -24,6 +24,14 @@ _PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
+#: ``TRIO_WS_CLIENT_PUBLISH``: who among the WebSocket clients may publish.
+CLIENT_PUBLISH_POLICIES = ("all", "token", "none")
+
+MIN_API_KEY_LENGTH = 16
+
+#: The API's ``from``: ``@`` and what a client id may hold, so it never equals a client's id.
+_PUBLISHER_PATTERN = re.compile(r"@[A-Za-z0-9_.\-]{1,63}")
+
 
 class SettingsError(ValueError):
     """A setting has a value the server cannot run with."""
@@ -89,6 +97,21 @@ class Settings:
     #: Bytes a second one connection may publish (UTF-8; a bucket of one second, and at least
     #: one ``max_message_size``); 0 turns it off.
     publish_bytes_rate: int = 64 * 1024
+    #: Which clients may publish: ``all``, ``token`` (only connections that presented a valid
+    #: token) or ``none`` (listen-only: only backends publish, through ``POST /publish``).
+    client_publish: str = "all"
+    #: The bearer key of the HTTP API (``POST /publish``, ``DELETE /clients/<id>``, the detail
+    #: of ``/health``). None: the API does not exist (404). At least 16 characters.
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    #: A file holding ``api_key`` (read at start-up, surrounding whitespace stripped); set one
+    #: of the two, not both.
+    api_key_file: str | None = None
+    #: The ``from`` of messages published through the API. It starts with ``@``, which no
+    #: client id may contain, so no client can pose as the server.
+    api_publisher_name: str = "@server"
+    #: Whether anyone may read the full ``/health`` (pid, version, broker address, errors);
+    #: off: only with the API key, the public gets status and counts.
+    health_detail: bool = False
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "a TCP port from 0 to 65535")
@@ -177,6 +200,30 @@ class Settings:
                 "IP addresses or networks (CIDR), separated by commas",
             )
         _check(
+            self.client_publish in CLIENT_PUBLISH_POLICIES,
+            "client_publish",
+            self.client_publish,
+            " or ".join(CLIENT_PUBLISH_POLICIES),
+        )
+        _check(
+            self.api_key is None or len(self.api_key) >= MIN_API_KEY_LENGTH,
+            "api_key",
+            "<hidden>",
+            f"at least {MIN_API_KEY_LENGTH} characters (e.g. from `openssl rand -hex 32`)",
+        )
+        _check(
+            self.api_key is None or (self.api_key.isprintable() and self.api_key.isascii()),
+            "api_key",
+            "<hidden>",
+            "printable ASCII characters (it travels in an HTTP header)",
+        )
+        _check(
+            _PUBLISHER_PATTERN.fullmatch(self.api_publisher_name) is not None,
+            "api_publisher_name",
+            self.api_publisher_name,
+            "@ followed by 1-63 characters of A-Z a-z 0-9 _ . -",
+        )
+        _check(
             (self.certfile is None) == (self.keyfile is None),
             "certfile",
             self.certfile,
@@ -197,6 +244,13 @@ class Settings:
                 continue
             values[field.name] = _parse(name, raw.strip(), _PARSERS[field.name])
         values.update({key: value for key, value in overrides.items() if value is not None})
+        key_file = values.get("api_key_file")
+        if key_file is not None:
+            if values.get("api_key") is not None:
+                raise SettingsError(
+                    f"{ENV_PREFIX}API_KEY and {ENV_PREFIX}API_KEY_FILE are both set: set one"
+                )
+            values["api_key"] = read_secret_file(ENV_PREFIX + "API_KEY_FILE", key_file)
         return cls(**values)
 
     @property
@@ -225,7 +279,10 @@ class Settings:
             f"max_connections={self.max_connections} "
             f"max_connections_per_ip={self.max_connections_per_ip} "
             f"handshake_rate_per_ip={self.handshake_rate_per_ip:g} "
-            f"trusted_proxies={','.join(self.trusted_proxies) or 'none'}"
+            f"trusted_proxies={','.join(self.trusted_proxies) or 'none'} "
+            f"client_publish={self.client_publish} "
+            f"api={'on' if self.api_key is not None else 'off'} "
+            f"health_detail={'on' if self.health_detail else 'off'}"
         )
 
     @property
@@ -251,6 +308,20 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+def read_secret_file(variable: str, path: str) -> str:
+    """A secret kept in a file (a Docker or Kubernetes secret), whitespace stripped.
+
+    Errors: :class:`SettingsError` naming the variable (never the secret) if it cannot be read.
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SettingsError(
+            f"{variable}: cannot read {path!r}: {error.__class__.__name__}"
+        ) from None
+
+
 def _check(ok: bool, field: str, value: object, expected: str) -> None:
     if not ok:
         raise SettingsError(f"{ENV_PREFIX}{field.upper()} must be {expected}, got {value!r}")
@@ -265,6 +336,10 @@ def _number(raw: str) -> float:
 
 def _level(raw: str) -> str:
     return raw.upper()
+
+
+def _lower(raw: str) -> str:
+    return raw.lower()
 
 
 def parse_proxies(raw: str) -> tuple[str, ...]:
@@ -314,6 +389,11 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "publish_rate": _number,
     "publish_burst": int,
     "publish_bytes_rate": int,
+    "client_publish": _lower,
+    "api_key": str,
+    "api_key_file": str,
+    "api_publisher_name": str,
+    "health_detail": on_off,
 }
 
 

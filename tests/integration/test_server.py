@@ -25,6 +25,7 @@ from tests.wsutil import (
     frames_until_closed,
     http_get,
     http_json,
+    http_request,
     next_frame,
     raw_handshake,
     read_server_frames,
@@ -150,7 +151,8 @@ async def test_same_id_replaces_the_older_connection_with_4500(server: RunningSe
             assert len(server.hub.registry) == 1
 
 
-async def test_drain_warns_refuses_new_and_reports(server: RunningServer) -> None:
+async def test_drain_warns_refuses_new_and_reports(start_server: StartServer) -> None:
+    server = await start_server(health_detail=True)  # /health with every detail, for anyone
     async with open_websocket_url(server.ws_url + "/stayer") as stayer:
         await next_frame(stayer)
         assert await http_json(server.binds[0], "/ready") == (200, {"ready": True})
@@ -311,7 +313,9 @@ async def test_clients_leaving_during_broadcasts(server: RunningServer) -> None:
     await wait_until(lambda: len(server.hub.registry) == 0)
 
 
-async def test_connect_disconnect_storm(server: RunningServer) -> None:
+async def test_connect_disconnect_storm(start_server: StartServer) -> None:
+    server = await start_server(health_detail=True)
+
     async def client(i: int) -> None:
         try:
             async with open_websocket_url(server.ws_url + f"/storm{i % 40}") as ws:
@@ -329,8 +333,10 @@ async def test_connect_disconnect_storm(server: RunningServer) -> None:
     assert health["connections_total"] == 150
 
 
-async def test_page_and_health(server: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
+async def test_page_and_health(start_server: StartServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
+    key = "integration-key-0123456789"
+    server = await start_server(api_key=key)
     status, page = await http_get(server.binds[0], "/")
     assert status == 200
     for needle in (
@@ -347,7 +353,22 @@ async def test_page_and_health(server: RunningServer, caplog: pytest.LogCaptureF
     assert "innerHTML" not in page  # user text is never interpreted as HTML
     assert "http://" not in page  # no external resource
     assert "https://" not in page
-    status, health = await http_json(server.binds[0], "/health")
+    # For the public: what a probe needs, nothing about the process or the broker.
+    status, public = await http_json(server.binds[0], "/health")
+    assert status == 200
+    assert public.keys() == {
+        "status",
+        "instance",
+        "active_connections",
+        "cluster",
+        "shutdown_in_progress",
+        "drain",
+    }
+    # With the API key: the detail.
+    status, _, body = await http_request(
+        server.binds[0], "GET", "/health", headers={"Authorization": f"Bearer {key}"}
+    )
+    health = json.loads(body)
     assert status == 200
     assert {
         "status",
@@ -359,6 +380,7 @@ async def test_page_and_health(server: RunningServer, caplog: pytest.LogCaptureF
         "pid",
         "version",
         "mode",
+        "broker",
     } <= health.keys()
     assert (health["status"], health["shutdown_in_progress"]) == ("ok", False)
 

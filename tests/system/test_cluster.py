@@ -41,6 +41,8 @@ def cluster_env(redis: RedisServer, **extra: str) -> dict[str, str]:
         # per-connection publish limit (tests/system/test_flood.py tests it).
         "TRIO_WS_PUBLISH_RATE": "0",
         "TRIO_WS_PUBLISH_BYTES_RATE": "0",
+        # The tests read the broker's state and counts from /health.
+        "TRIO_WS_HEALTH_DETAIL": "on",
         **extra,
     }
 

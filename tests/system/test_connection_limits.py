@@ -25,6 +25,8 @@ ENV = {
     "TRIO_WS_BROADCAST_INTERVAL": "0",
     "TRIO_WS_PRESENCE_INTERVAL": "0",
     "TRIO_WS_DRAIN_TIMEOUT": "5",
+    # The tests read the limits and refusal counts from /health's detail.
+    "TRIO_WS_HEALTH_DETAIL": "on",
 }
 MODES = {"launcher": LAUNCHER, "hypercorn-workers-1": hypercorn("--workers", "1")}
 TRY_AGAIN_LATER = 1013

@@ -61,7 +61,7 @@ def port_of(base_url: str) -> int:
 
 async def test_page_health_and_ready_through_nginx(tmp_path: Path) -> None:
     async with (
-        running(LAUNCHER) as server,
+        running(LAUNCHER, {"TRIO_WS_HEALTH_DETAIL": "on"}) as server,
         nginx_in_front(tmp_path, [port_of(await server.base_url())]) as proxy,
     ):
         status, body = await http_get(proxy, "/")

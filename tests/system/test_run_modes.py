@@ -23,6 +23,8 @@ FAST = {
     "TRIO_WS_PROGRESS_INTERVAL": "0.5",
     "TRIO_WS_BROADCAST_INTERVAL": "0",
     "TRIO_WS_PRESENCE_INTERVAL": "0",
+    # The tests read the run mode from /health's detail.
+    "TRIO_WS_HEALTH_DETAIL": "on",
 }
 
 

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import pytest
 
 from trio_ws.settings import Settings, SettingsError
@@ -148,3 +151,51 @@ def test_compression_is_on_or_off(raw: str, expected: bool) -> None:
 def test_compression_refuses_anything_else() -> None:
     with pytest.raises(SettingsError, match="TRIO_WS_COMPRESSION must be on or off, got 'yes'"):
         Settings.from_env({"TRIO_WS_COMPRESSION": "yes"})
+
+
+def test_publish_api_and_health_settings(tmp_path: Any) -> None:
+    defaults = Settings.from_env({})
+    assert (defaults.client_publish, defaults.api_key, defaults.health_detail) == (
+        "all",
+        None,
+        False,
+    )
+    assert defaults.api_publisher_name == "@server"
+    key_file = tmp_path / "key"
+    key_file.write_text("  0123456789abcdef0123\n")
+    settings = Settings.from_env(
+        {
+            "TRIO_WS_CLIENT_PUBLISH": "None",
+            "TRIO_WS_API_KEY_FILE": str(key_file),
+            "TRIO_WS_API_PUBLISHER_NAME": "@backend",
+            "TRIO_WS_HEALTH_DETAIL": "on",
+        }
+    )
+    assert settings.client_publish == "none"
+    assert settings.api_key == "0123456789abcdef0123"
+    assert (settings.api_publisher_name, settings.health_detail) == ("@backend", True)
+    # The key never shows in a repr or the start-up line.
+    assert "0123456789abcdef0123" not in repr(settings) + settings.describe()
+    assert "client_publish=none api=on health_detail=on" in settings.describe()
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"TRIO_WS_CLIENT_PUBLISH": "some"}, "TRIO_WS_CLIENT_PUBLISH must be all or token or none"),
+        ({"TRIO_WS_API_KEY": "short"}, "TRIO_WS_API_KEY must be at least 16 characters"),
+        ({"TRIO_WS_API_KEY": "0123456789abcdef\x01"}, "printable ASCII"),
+        ({"TRIO_WS_API_PUBLISHER_NAME": "server"}, "TRIO_WS_API_PUBLISHER_NAME must be @"),
+        ({"TRIO_WS_API_PUBLISHER_NAME": "@a b"}, "TRIO_WS_API_PUBLISHER_NAME must be @"),
+        ({"TRIO_WS_HEALTH_DETAIL": "yes"}, "TRIO_WS_HEALTH_DETAIL must be on or off"),
+        ({"TRIO_WS_API_KEY_FILE": "/nonexistent/key"}, "TRIO_WS_API_KEY_FILE: cannot read"),
+        (
+            {"TRIO_WS_API_KEY": "0123456789abcdef", "TRIO_WS_API_KEY_FILE": "/x"},
+            "both set",
+        ),
+    ],
+)
+def test_publish_api_settings_refused(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(message)) as caught:
+        Settings.from_env(environ)
+    assert "0123456789abcdef" not in str(caught.value)

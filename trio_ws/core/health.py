@@ -1,4 +1,9 @@
-"""``/health``: one report composed from each part's own statistics and report methods."""
+"""``/health``: one report composed from each part's own statistics and report methods.
+
+Two views: :func:`public_health`, what a load balancer's probe or a deploy script needs
+(status, counts, the drain), which anyone may read; and :func:`health_report`, the whole
+detail (the broker's address and errors, limits, totals), for operators only.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,27 @@ def status(hub: Hub) -> str:
     if state is not DrainState.SERVING:
         return str(state.value)
     return "ok" if hub.broker.state is BrokerState.UP else "degraded"
+
+
+def public_health(hub: Hub) -> dict[str, Any]:
+    """What anyone may know: whether this instance serves, how many it holds, and the drain.
+    Nothing about the broker's address, the process, or an error's text (which can quote a
+    client's message)."""
+    cluster = hub.broker.cluster()
+    return {
+        "status": status(hub),
+        "instance": hub.instance_id,
+        "active_connections": len(hub.registry),
+        "cluster": None
+        if cluster is None
+        else {
+            "instances": cluster.instances,
+            "connections": hub.cluster_connections(),
+            "draining_instances": cluster.draining_instances,
+        },
+        "shutdown_in_progress": hub.draining,
+        "drain": hub.drain.report(),
+    }
 
 
 def health_report(hub: Hub) -> dict[str, Any]:
@@ -46,6 +72,7 @@ def health_report(hub: Hub) -> dict[str, Any]:
         "slow_disconnects": stats.slow_disconnects,
         "replaced_connections": stats.replaced,
         "messages_broadcast": hub.messages_broadcast,
+        "publishes_refused": hub.publishes_refused,
         "refused_during_drain": hub.drain.refused,
         "max_connections": hub.admission.policy.max_connections,
         "refused_over_limits": hub.admission.refused_report(),

@@ -27,6 +27,7 @@ from trio_ws.core.forwarded import TrustedProxies
 from trio_ws.core.limits import Admission, LimitPolicy
 from trio_ws.core.protocol import CloseCode, Frame
 from trio_ws.core.registry import Connection, Registry
+from trio_ws.core.throttle import Throttle
 from trio_ws.core.words import loggable, plural
 
 if TYPE_CHECKING:
@@ -42,6 +43,9 @@ REFUSED_REASON = "server is shutting down; reconnect to another instance"
 #: write is shielded (no half frames on the wire), so this also bounds what a client that reads
 #: at a trickle can make a close or a pong wait for.
 BATCH_LIMIT_BYTES = 64 * 1024
+
+#: At most one log line per this many seconds for client messages the publish policy refuses.
+REFUSED_LOG_EVERY_S = 10.0
 
 
 class Hub:
@@ -78,6 +82,9 @@ class Hub:
         self.trusted_proxies = TrustedProxies(settings.trusted_proxies)
         self._wall_clock = wall_clock
         self.messages_broadcast = 0
+        #: Client messages refused by ``TRIO_WS_CLIENT_PUBLISH``, and their log lines' pace.
+        self.publishes_refused = 0
+        self._refused_log = Throttle(REFUSED_LOG_EVERY_S)
         self._attempts = 0
         self._finished = trio.Event()
         #: Set when the connection count changed; the presence task announces it, coalesced.
@@ -256,6 +263,36 @@ class Hub:
             self._wall_clock() - connection.connected_at,
             plural(len(self.registry), "active connection"),
         )
+
+    def kick(self, client_id: str, who: str) -> bool:
+        """Close this process's connection for ``client_id`` with 4503 (closed by the operator);
+        False if no such client is connected here. ``who`` names the requester in the log."""
+        connection = self.registry.get(client_id)
+        if connection is None or connection.closing:
+            return False
+        connection.request_close(CloseCode.CLOSED_BY_OPERATOR, "closed by the operator")
+        LOGGER.info(
+            "client %s (%s) closed with 4503 by the operator (%s)",
+            client_id,
+            connection.peer,
+            who,
+        )
+        return True
+
+    def note_publish_refused(self, connection: Connection, policy: str) -> None:
+        """Count a client message the publish policy refused; log it, at most one line per
+        :data:`REFUSED_LOG_EVERY_S` with the count."""
+        self.publishes_refused += 1
+        count = self._refused_log.event(trio.current_time())
+        if count is not None:
+            LOGGER.info(
+                "client %s (%s): message refused by TRIO_WS_CLIENT_PUBLISH=%s (%d refused "
+                "since the last line)",
+                connection.client_id,
+                connection.peer,
+                policy,
+                count,
+            )
 
     def _evicted(self, connection: Connection) -> None:
         if self.drain.requested:

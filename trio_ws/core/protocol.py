@@ -41,6 +41,9 @@ class CloseCode(enum.IntEnum):
     SLOW_CONSUMER = 4008
     #: A newer connection with the same client id took over: do not reconnect.
     REPLACED = 4500
+    #: An operator closed this client through the API (``DELETE /clients/<id>``): do not
+    #: reconnect by yourself.
+    CLOSED_BY_OPERATOR = 4503
 
 
 class ClientIdError(ValueError):

@@ -41,6 +41,7 @@ class Connection:
     __slots__ = (
         "_close_scope",
         "attempt",
+        "authenticated",
         "client_id",
         "close_code",
         "close_reason",
@@ -62,8 +63,11 @@ class Connection:
         batch_limit: int = 0,
         max_bytes: int | None = None,
         attempt: int = 0,
+        authenticated: bool = False,
     ) -> None:
         self.client_id = client_id
+        #: True when the connection presented a valid token (``TRIO_WS_CLIENT_PUBLISH=token``).
+        self.authenticated = authenticated
         #: When the attempt reached the server, as a sequence number: the newest wins.
         self.attempt = attempt
         self.peer = peer

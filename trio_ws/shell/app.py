@@ -10,14 +10,19 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quart import render_template
+from quart import Response, render_template, request
 from quart_trio import QuartTrio
 
 from trio_ws import __version__
-from trio_ws.core.health import health_report
+from trio_ws.core.health import health_report, public_health
+from trio_ws.shell import api
+from trio_ws.shell.headers import COMMON_HEADERS, DEFAULT_CSP, page_csp
 from trio_ws.shell.hypercorn_limits import WebSocketLimits
 from trio_ws.shell.sinks import DirectPath
 from trio_ws.shell.websocket import WebSocketEndpoint, is_websocket_path
+
+#: How long a request body may take to arrive.
+BODY_TIMEOUT_S = 10
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Callable
@@ -69,15 +74,37 @@ def create_app(hub: Hub, *, lifespan: Lifespan | None = None) -> TrioWsApp:
         hub.settings.max_message_size, compression=hub.settings.compression
     )
 
+    # Request bodies (only ``POST /publish`` takes one) are bounded before they are read whole.
+    app.config["MAX_CONTENT_LENGTH"] = api.body_limit(hub.settings.max_message_size)
+    app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_S
+    key = hub.settings.api_key
+
     if lifespan is not None:
         app.while_serving(partial(lifespan, app))
 
+    @app.after_request
+    async def security_headers(response: Response) -> Response:
+        for name, value in COMMON_HEADERS.items():
+            response.headers.setdefault(name, value)
+        response.headers.setdefault("Content-Security-Policy", DEFAULT_CSP)
+        return response
+
     @app.get("/")
-    async def index() -> str:
-        return await render_template("index.html", version=__version__)
+    async def index() -> Response:
+        html = await render_template("index.html", version=__version__)
+        return Response(
+            html,
+            content_type="text/html; charset=utf-8",
+            headers={"Content-Security-Policy": page_csp(html)},
+        )
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
+        detail = hub.settings.health_detail or (
+            key is not None and api.bearer_matches(request.headers.get("Authorization"), key)
+        )
+        if not detail:
+            return public_health(hub)
         report = health_report(hub)
         mode = app.run_mode
         report.update(
@@ -93,5 +120,8 @@ def create_app(hub: Hub, *, lifespan: Lifespan | None = None) -> TrioWsApp:
         if reason is None:
             return {"ready": True}, 200
         return {"ready": False, "reason": reason}, 503
+
+    if key is not None:
+        api.register(app, hub, key)
 
     return app

@@ -20,6 +20,7 @@ import trio
 from trio_ws.core import protocol
 from trio_ws.core.hub import REFUSED_REASON
 from trio_ws.core.limits import address_key
+from trio_ws.core.permissions import PUBLISH_REFUSED, ClientPublish, may_publish, refusal_reason
 from trio_ws.core.protocol import (
     ClientIdError,
     CloseCode,
@@ -68,6 +69,7 @@ class WebSocketEndpoint:
         self.direct = direct
         self.max_message_size = hub.settings.max_message_size
         self.publish_policy = PublishPolicy.from_settings(hub.settings)
+        self.client_publish = ClientPublish(hub.settings.client_publish)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         attempt = self.hub.new_attempt()
@@ -177,7 +179,22 @@ class WebSocketEndpoint:
             if limit is not None and not await limit.admit(size):
                 self._close_flooder(connection, limit)
                 return
+            if not may_publish(self.client_publish, authenticated=connection.authenticated):
+                self._refuse_publish(connection)
+                continue
             await publish(connection.client_id, data)
+
+    def _refuse_publish(self, connection: Connection) -> None:
+        """Answer a message the publish policy refuses with an ``error`` frame; nothing is
+        broadcast and the connection stays open (core/permissions.py)."""
+        error = protocol.error_frame(
+            error=PUBLISH_REFUSED,
+            reason=refusal_reason(self.client_publish),
+            ts=self.hub.wall_time(),
+        )
+        if not connection.offer(Frame(error)):
+            connection.request_close(CloseCode.SLOW_CONSUMER, "slow consumer: outbox overflowed")
+        self.hub.note_publish_refused(connection, self.client_publish.value)
 
     def _close_flooder(self, connection: Connection, limit: PublishLimit) -> None:
         policy = limit.policy
