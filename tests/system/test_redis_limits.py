@@ -65,6 +65,10 @@ async def limited_redis(tmp_path: Any, maxmemory: str) -> AsyncIterator[RedisSer
         yield redis
 
 
+async def used_memory(client: coredis.Redis[str]) -> int:
+    return int(str((await client.info("memory"))["used_memory"]))
+
+
 class MemoryWatch:
     """Samples Redis's ``used_memory`` every 20 ms; keeps the peak."""
 
@@ -76,11 +80,10 @@ class MemoryWatch:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         client = coredis.Redis.from_url(self.redis.url, decode_responses=True)
         async with client:
-            self.baseline = self.peak = int((await client.info("memory"))["used_memory"])
+            self.baseline = self.peak = await used_memory(client)
             task_status.started()
             while True:
-                used = int((await client.info("memory"))["used_memory"])
-                self.peak = max(self.peak, used)
+                self.peak = max(self.peak, await used_memory(client))
                 await trio.sleep(0.02)
 
 
