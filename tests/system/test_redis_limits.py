@@ -223,3 +223,30 @@ async def test_a_redis_out_of_memory_does_not_leave_the_cluster_unready(
         f"broker {json.dumps(health['broker'])[:400]}"
     )
     assert sent * MESSAGE_SIZE > 2 * 24 * MIB, "the flood was too small to fill Redis"
+
+
+async def test_a_redis_refusing_writes_by_acl_is_an_outage_that_ends_when_it_accepts_them(
+    tmp_path: Any,
+) -> None:
+    """NOPERM cannot be trimmed away: /ready 503 while Redis refuses, 200 soon after it
+    accepts writes again, and the refused message's text is never shown."""
+    async with (
+        redis_server(str(tmp_path)) as redis,
+        running(LAUNCHER, server_env(redis)) as server,
+        coredis.Redis.from_url(redis.url, decode_responses=True) as admin,
+    ):
+        base, url = await server.base_url(), await server.ws_url()
+        assert await admin.acl_setuser("default", "-xadd")
+        async with open_websocket_url(f"{url}/speaker") as speaker:
+            await next_frame(speaker)
+            await speaker.send_message(f"{MARKER} refused")
+            with trio.fail_after(10):
+                while (await http_get(base, "/ready"))[0] != 503:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+        _, health = await http_json(base, "/health")
+        assert "NOPERM" in health["broker"]["last_error"]
+        assert await admin.acl_setuser("default", "+xadd")
+        ready_after = await seconds_until_ready(base, bound=10)
+        await fresh_message_is_delivered(url)
+        await assert_nothing_leaked(server, base)
+    print(f"NOPERM lifted: /ready 200 {ready_after:.2f}s later")

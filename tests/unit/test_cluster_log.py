@@ -444,33 +444,46 @@ OOM_TEXT = "OOM command not allowed when used memory > 'maxmemory'."
 
 
 @pytest.mark.parametrize(
-    ("kind", "text", "described", "code"),
+    ("kind", "text", "answered", "described", "code"),
     [
         pytest.param(
             "ResponseError",
             f"{PIPELINE} of pipeline caused error: {OOM_TEXT}",
+            True,
             f"ResponseError on XADD: {OOM_TEXT}",
             "OOM",
             id="a pipeline's OOM: the command's name and Redis's text, no argument",
         ),
         pytest.param(
-            "ResponseError",
+            "AuthorizationError",
             f"Command # 1 (XADD s * t {SECRET} of pipeline caused error: x) of pipeline caused "
-            "error: NOPERM User bob has no permissions to run the 'xadd' command",
-            "ResponseError on XADD: NOPERM User bob has no permissions to run the 'xadd' command",
+            "error: this user has no permissions to run the 'xadd' command",
+            True,
+            "AuthorizationError on XADD: NOPERM this user has no permissions to run the 'xadd' "
+            "command",
             "NOPERM",
-            id="an argument that looks like the separator does not fool it",
+            id="NOPERM (coredis drops the class); an argument like the separator fools nothing",
         ),
         pytest.param(
-            "ResponseError",
-            f"ERR unknown command 'XADDX', with args beginning with: '{SECRET}'",
-            "ResponseError: ERR",
+            "UnknownCommandError",
+            f"unknown command 'XADDX', with args beginning with: '{SECRET}'",
+            True,
+            "UnknownCommandError: ERR",
             "ERR",
             id="a class whose text may quote arguments: the class only",
         ),
         pytest.param(
+            "ResponseError",
+            f"value '{SECRET}' is not an integer",
+            True,
+            "ResponseError",
+            "",
+            id="ERR without an exception of its own (coredis drops the class): no text",
+        ),
+        pytest.param(
             "TimeoutError",
             f"{PIPELINE} of pipeline caused error: ",
+            False,
             "TimeoutError on XADD",
             "",
             id="a timeout in a pipeline",
@@ -478,28 +491,29 @@ OOM_TEXT = "OOM command not allowed when used memory > 'maxmemory'."
         pytest.param(
             "ConnectionError",
             "Error 111 connecting to 127.0.0.1:6390. Connection refused.",
+            False,
             "ConnectionError: Error 111 connecting to 127.0.0.1:6390. Connection refused.",
             "",
-            id="not one of Redis's errors: kept",
+            id="not an answer of Redis's: kept",
         ),
         pytest.param(
             "ConnectionError",
             "\x1b[31m" + "x" * 500,
-            "ConnectionError: \\x1b[31m" + "x" * 76 + "...[526 chars]",
+            False,
+            "ConnectionError: \\x1b[31m" + "x" * 75 + "...[522 chars]",
             "",
             id="escaped and cut",
         ),
     ],
 )
 def test_errors_are_described_without_arguments(
-    kind: str, text: str, described: str, code: str
+    kind: str, text: str, answered: bool, described: str, code: str
 ) -> None:
-    description = describe_error(kind, text)
+    description = describe_error(kind, text, redis_answered=answered)
     assert SECRET not in description
     assert len(description) <= DESCRIPTION_LIMIT
-    assert error_class(text) == code
-    if "...[" not in described:
-        assert description == described
+    assert description == described
+    assert error_class(kind, text) == code
 
 
 # -- resync: where to read on from --------------------------------------------------------------

@@ -538,6 +538,24 @@ class _ReadIndex:
 _PLAIN_ERROR_CLASSES = frozenset(
     {"OOM", "NOPERM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "MISCONF", "NOAUTH", "WRONGPASS"}
 )
+#: coredis turns some of Redis's error classes into exceptions of their own, and drops the
+#: class from the text (also ERR's, when it has no exception of its own).
+_CLASS_OF_EXCEPTION = {
+    "AuthorizationError": "NOPERM",
+    "ReadOnlyError": "READONLY",
+    "BusyLoadingError": "LOADING",
+    "AuthenticationRequiredError": "NOAUTH",
+    "AuthenticationFailureError": "WRONGPASS",
+    "WrongTypeError": "WRONGTYPE",
+    "UnknownCommandError": "ERR",
+    "NoScriptError": "NOSCRIPT",
+    "ExecAbortError": "EXECABORT",
+    "NoKeyError": "NOKEY",
+    "NotBusyError": "NOTBUSY",
+    "UnblockedError": "UNBLOCKED",
+    "StreamConsumerGroupError": "NOGROUP",
+    "StreamDuplicateConsumerGroupError": "BUSYGROUP",
+}
 #: coredis's pipeline errors: "Command # 3 (XADD <every argument>) of pipeline caused error: ".
 _PIPELINE_ERROR = re.compile(r"Command # \d+ \((\S+)")
 _PIPELINE_ERROR_END = " of pipeline caused error: "
@@ -547,30 +565,36 @@ _ERROR_CLASS = re.compile(r"[A-Z][A-Z_]{1,19}")
 DESCRIPTION_LIMIT = 120
 
 
-def describe_error(kind: str, text: str) -> str:
-    """A Redis error as /health and the logs show it: the exception's ``kind``, the command's
-    name, and Redis's error class (with its text, for the classes known to quote nothing),
-    escaped and cut: never the command's arguments, which carry messages' text.
+def describe_error(kind: str, text: str, *, redis_answered: bool) -> str:
+    """An error as /health and the logs show it: the exception's ``kind``, the command's name,
+    and, if Redis answered with an error (``redis_answered``), its error class, with Redis's
+    text only for the classes known to quote nothing back: never the command's arguments,
+    which carry messages' text. Escaped and cut to DESCRIPTION_LIMIT.
 
     ``describe_error("ResponseError", "Command # 3 (XADD s ... t hello) of pipeline caused
-    error: OOM command not allowed...")`` -> ``"ResponseError on XADD: OOM command not
-    allowed..."``.
+    error: OOM command not allowed...", redis_answered=True)`` -> ``"ResponseError on XADD: OOM
+    command not allowed..."``.
     """
     command = ""
     if match := _PIPELINE_ERROR.match(text):
         command = f" on {match.group(1).upper()}"
         # The arguments come before the last separator; Redis's own text after it.
         text = text.rpartition(_PIPELINE_ERROR_END)[2]
-    code = error_class(text)
-    if code and code not in _PLAIN_ERROR_CLASSES:
-        text = code
+    if redis_answered:
+        code = error_class(kind, text)
+        if code not in _PLAIN_ERROR_CLASSES:
+            text = code
+        elif not text.startswith(code):
+            text = f"{code} {text}"
     described = f"{kind}{command}: {text}" if text else f"{kind}{command}"
     return loggable(described, DESCRIPTION_LIMIT - 20)
 
 
-def error_class(text: str) -> str:
-    """Redis's error class: the first word of its error text (``OOM``, ``NOPERM``), or "" when
-    ``text`` is not one of Redis's errors (a connection error, say)."""
+def error_class(kind: str, text: str) -> str:
+    """Redis's error class (``OOM``, ``NOPERM``) of an error Redis answered: from the
+    exception's ``kind`` or the first word of its ``text``; "" if neither says."""
+    if kind in _CLASS_OF_EXCEPTION:
+        return _CLASS_OF_EXCEPTION[kind]
     if _PIPELINE_ERROR.match(text):
         text = text.rpartition(_PIPELINE_ERROR_END)[2]
     first = text.split(" ", 1)[0]

@@ -429,7 +429,8 @@ class RedisBroker(Broker):
             self._command_failed(error)
             return False
         description = _describe(error)
-        trim = log.on_refused(error_class(str(error)), description, trio.current_time())
+        code = error_class(type(error).__name__, str(error))
+        trim = log.on_refused(code, description, trio.current_time())
         if trim is None:
             self._command_failed(error)
             return False
@@ -702,7 +703,8 @@ def _describe(error: BaseException) -> str:
     """Short, and never the command's arguments (see :func:`describe_error`)."""
     if isinstance(error, trio.TooSlowError):
         return "no answer within the command timeout"
-    return describe_error(type(error).__name__, str(error))
+    answered = isinstance(error, coredis.exceptions.ResponseError)
+    return describe_error(type(error).__name__, str(error), redis_answered=answered)
 
 
 def _first_leaf(group: BaseExceptionGroup[Exception]) -> Exception:
