@@ -80,7 +80,7 @@ from trio_ws.core.broker import (
     Member,
     Outgoing,
 )
-from trio_ws.core.words import loggable
+from trio_ws.core.words import loggable, plural
 from trio_ws.settings import redact_url
 
 if TYPE_CHECKING:
@@ -445,12 +445,12 @@ class RedisBroker(Broker):
         if trim.report:
             LOGGER.warning(
                 "broker: Redis refused a write (%s): trimmed the stream to its newest %d "
-                "entries (%d removed) and trying again; %d such trims since the last warning. "
-                "Give Redis more memory or lower TRIO_WS_REDIS_STREAM_MAX_BYTES",
+                "entries (%d removed) and trying again; %s since the last warning. Give Redis more "
+                "memory or lower TRIO_WS_REDIS_STREAM_MAX_BYTES",
                 description,
                 trim.keep,
                 removed,
-                trim.since_report,
+                plural(trim.since_report, "trim"),
             )
         return True
 
