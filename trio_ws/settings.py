@@ -173,9 +173,10 @@ class Settings:
             self.redis_stream_maxlen,
             "an integer >= 100",
         )
+        # Checked with Redis only: a single process that allows large messages needs no budget.
         smallest_budget = MIN_STREAM_ENTRIES * stream_entry_bytes(self.max_message_size)
         _check(
-            self.redis_stream_max_bytes >= smallest_budget,
+            self.redis_url is None or self.redis_stream_max_bytes >= smallest_budget,
             "redis_stream_max_bytes",
             self.redis_stream_max_bytes,
             f"bytes >= {MIN_STREAM_ENTRIES} broadcasts of max_message_size ({smallest_budget})",

@@ -242,4 +242,11 @@ def test_a_redis_stream_budget_too_small_for_ten_messages_is_refused(
     env: dict[str, str], message: str
 ) -> None:
     with pytest.raises(SettingsError, match=message):
-        Settings.from_env(env)
+        Settings.from_env({"TRIO_WS_REDIS_URL": "redis://127.0.0.1:6379/0", **env})
+
+
+def test_without_redis_large_messages_need_no_stream_budget() -> None:
+    settings = Settings.from_env(
+        {"TRIO_WS_MAX_MESSAGE_SIZE": str(16 << 20), "TRIO_WS_OUTBOX_BYTES": str(64 << 20)}
+    )
+    assert settings.max_message_size == 16 << 20
