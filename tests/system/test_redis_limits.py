@@ -50,6 +50,8 @@ def server_env(redis: RedisServer, **extra: str) -> dict[str, str]:
         "TRIO_WS_PRESENCE_INTERVAL": "0",
         "TRIO_WS_PING_INTERVAL": "0",
         "TRIO_WS_LOG_LEVEL": "INFO",
+        # The broker's counters and last error are in /health's detail.
+        "TRIO_WS_HEALTH_DETAIL": "on",
         # The flooder publishes as fast as it can: no per-connection publish limit.
         "TRIO_WS_PUBLISH_RATE": "0",
         "TRIO_WS_PUBLISH_BYTES_RATE": "0",
