@@ -27,10 +27,14 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, executable: str, port: int, directory: str) -> None:
+    def __init__(
+        self, executable: str, port: int, directory: str, extra: tuple[str, ...] = ()
+    ) -> None:
         self.executable = executable
         self.port = port
         self.directory = directory
+        #: More redis-server options, such as ``("--maxmemory", "20mb")``.
+        self.extra = extra
         self.process: trio.Process | None = None
         self.starts = 0
 
@@ -56,6 +60,7 @@ class RedisServer:
                 self.directory,
                 "--logfile",
                 os.path.join(self.directory, f"redis-{self.starts}.log"),
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -100,8 +105,8 @@ def redis_executable() -> str:
 
 
 @asynccontextmanager
-async def redis_server(directory: str) -> AsyncIterator[RedisServer]:
-    server = RedisServer(redis_executable(), free_port(), directory)
+async def redis_server(directory: str, *extra: str) -> AsyncIterator[RedisServer]:
+    server = RedisServer(redis_executable(), free_port(), directory, extra)
     await server.start()
     try:
         yield server

@@ -112,6 +112,10 @@ class Settings:
     #: Whether anyone may read the full ``/health`` (pid, version, broker address, errors);
     #: off: only with the API key, the public gets status and counts.
     health_detail: bool = False
+    #: Redis memory the stream of broadcasts may take. The stream keeps at most as many
+    #: broadcasts as fit when each is of ``max_message_size`` (see :func:`stream_entry_bytes`),
+    #: and at most ``redis_stream_maxlen``: :attr:`redis_stream_entries`.
+    redis_stream_max_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "a TCP port from 0 to 65535")
@@ -168,6 +172,14 @@ class Settings:
             "redis_stream_maxlen",
             self.redis_stream_maxlen,
             "an integer >= 100",
+        )
+        # Checked with Redis only: a single process that allows large messages needs no budget.
+        smallest_budget = MIN_STREAM_ENTRIES * stream_entry_bytes(self.max_message_size)
+        _check(
+            self.redis_url is None or self.redis_stream_max_bytes >= smallest_budget,
+            "redis_stream_max_bytes",
+            self.redis_stream_max_bytes,
+            f"bytes >= {MIN_STREAM_ENTRIES} broadcasts of max_message_size ({smallest_budget})",
         )
         _check(self.publish_rate >= 0, "publish_rate", self.publish_rate, "messages/s >= 0")
         _check(self.publish_burst >= 0, "publish_burst", self.publish_burst, "an integer >= 0")
@@ -259,6 +271,13 @@ class Settings:
         arrives live meanwhile still fits."""
         return self.outbox_bytes // 2
 
+    @property
+    def redis_stream_entries(self) -> int:
+        """Most broadcasts the Redis stream keeps: ``redis_stream_maxlen``, or fewer, so that
+        as many maximum-size broadcasts take at most ``redis_stream_max_bytes`` of Redis."""
+        fitting = self.redis_stream_max_bytes // stream_entry_bytes(self.max_message_size)
+        return min(self.redis_stream_maxlen, fitting)
+
     def with_changes(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
@@ -294,6 +313,23 @@ class Settings:
     @property
     def log_level_number(self) -> int:
         return logging.getLevelNamesMapping()[self.log_level]
+
+
+#: Fewest broadcasts the Redis stream may be set to keep (TRIO_WS_REDIS_STREAM_MAX_BYTES).
+MIN_STREAM_ENTRIES = 10
+#: Bytes of a Redis stream entry besides the message's text: its other fields (origin,
+#: sequence number, kind, time, the sender's id of up to 64 characters) and Redis's own
+#: bookkeeping, with room to spare (measured: about 250).
+STREAM_ENTRY_OVERHEAD = 512
+
+
+def stream_entry_bytes(max_message_size: int) -> int:
+    """Most Redis memory one stream entry takes with a message of ``max_message_size`` bytes.
+
+    Redis's allocator (jemalloc) rounds each allocation up to a size class, up to a quarter
+    more: a 64 KiB message took 82,001 bytes (Redis 7.0, ``INFO memory``), hence 5/4.
+    """
+    return (max_message_size + STREAM_ENTRY_OVERHEAD) * 5 // 4
 
 
 def redact_url(url: str) -> str:
@@ -394,6 +430,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "api_key_file": str,
     "api_publisher_name": str,
     "health_detail": on_off,
+    "redis_stream_max_bytes": int,
 }
 
 

@@ -13,12 +13,16 @@ from typing import Any
 import pytest
 
 from trio_ws.brokers.cluster_log import (
+    DESCRIPTION_LIMIT,
     ClusterLog,
     HistoryRequest,
     Pending,
     Resync,
     StallWatch,
     StreamInfo,
+    Trim,
+    describe_error,
+    error_class,
 )
 from trio_ws.brokers.entries import Entry
 from trio_ws.core.broker import Broadcast, BrokerState, Outgoing
@@ -347,6 +351,169 @@ def test_backpressure_rules(steps: list[Step], must_wait: bool) -> None:
     for step in steps:
         step(run)
     assert run.log.publish_must_wait is must_wait
+
+
+# -- a batch holds a bounded number of bytes ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sizes", "max_bytes", "taken"),
+    [
+        pytest.param([10, 10, 10], None, 3, id="no byte bound: up to the count"),
+        pytest.param([10, 10, 10], 2 * 75, 2, id="as many as fit (text + sender + 64 each)"),
+        pytest.param([1000, 10], 100, 1, id="one larger than the bound goes alone"),
+        pytest.param([10] * 5, 10_000, 4, id="the count holds too"),
+    ],
+)
+def test_a_batch_is_bounded_in_bytes(sizes: list[int], max_bytes: int | None, taken: int) -> None:
+    run = new_run()
+    for index, size in enumerate(sizes):
+        publish(str(index) * size)(run)
+    assert len(run.log.next_batch(4, max_bytes)) == taken
+
+
+# -- Redis refuses a write ----------------------------------------------------------------------
+
+
+@dataclass
+class Refused:
+    """Redis refuses a write with ``error_class``; the step keeps what the log decided."""
+
+    error_class: str = "OOM"
+    now: float | None = None
+
+    def __call__(self, run: Run) -> Trim | None:
+        if self.now is not None:
+            run.now = self.now
+        description = f"ResponseError on XADD: {self.error_class}"
+        return run.log.on_refused(self.error_class, description, run.now)
+
+
+def refused(error_class: str = "OOM", now: float | None = None) -> Refused:
+    return Refused(error_class, now)
+
+
+@pytest.mark.parametrize(
+    ("steps", "keeps"),
+    [
+        pytest.param(
+            [refused()] * 6,
+            [8, 4, 2, 1, 0, None],
+            id="OOM: halve the stream at each refusal in a row; emptied and refused: down",
+        ),
+        pytest.param(
+            [refused(), refused(), publish("a"), send(), refused()],
+            [8, 4, 8],
+            id="a write that lands starts again from half the cap",
+        ),
+        pytest.param(
+            [refused(), refused(), error(), resync(), refused()],
+            [8, 4, 8],
+            id="after an outage: from half the cap again",
+        ),
+        pytest.param([refused("NOPERM")], [None], id="NOPERM: trimming cannot help: an outage"),
+        pytest.param([refused("READONLY")], [None], id="READONLY (a replica): an outage"),
+        pytest.param([refused("ERR")], [None], id="any other error: an outage"),
+    ],
+)
+def test_refusal_rules(steps: list[Step], keeps: list[int | None]) -> None:
+    run = new_run(stream_cap=16)
+    trims: list[Trim | None] = []
+    for step in steps:
+        answer = step(run)
+        if isinstance(step, Refused):
+            trims.append(answer)
+    assert [None if trim is None else trim.keep for trim in trims] == keeps
+    assert run.log.statistics().last_error.startswith("ResponseError on XADD: ")
+    assert run.log.state is BrokerState.UP  # the shell decides the outage, with on_error
+
+
+def test_refusals_are_reported_once_every_ten_seconds_with_a_count() -> None:
+    run = new_run(stream_cap=1 << 20)
+    answers = [refused(now=t)(run) for t in (0.0, 1.0, 2.0, 10.5, 11.0)]
+    reports = [(a.report, a.since_report) for a in answers if a is not None]
+    assert reports == [(True, 1), (False, 1), (False, 2), (True, 3), (False, 1)]
+    assert run.log.statistics().trims_after_refusals == 5
+
+
+# -- errors as /health and the logs show them ---------------------------------------------------
+
+SECRET = "the flood's text"
+PIPELINE = f"Command # 3 (XADD trio_ws:broadcasts MAXLEN ~ 812 * o a q 7 t {SECRET})"
+OOM_TEXT = "OOM command not allowed when used memory > 'maxmemory'."
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "answered", "described", "code"),
+    [
+        pytest.param(
+            "ResponseError",
+            f"{PIPELINE} of pipeline caused error: {OOM_TEXT}",
+            True,
+            f"ResponseError on XADD: {OOM_TEXT}",
+            "OOM",
+            id="a pipeline's OOM: the command's name and Redis's text, no argument",
+        ),
+        pytest.param(
+            "AuthorizationError",
+            f"Command # 1 (XADD s * t {SECRET} of pipeline caused error: x) of pipeline caused "
+            "error: this user has no permissions to run the 'xadd' command",
+            True,
+            "AuthorizationError on XADD: NOPERM this user has no permissions to run the 'xadd' "
+            "command",
+            "NOPERM",
+            id="NOPERM (coredis drops the class); an argument like the separator fools nothing",
+        ),
+        pytest.param(
+            "UnknownCommandError",
+            f"unknown command 'XADDX', with args beginning with: '{SECRET}'",
+            True,
+            "UnknownCommandError: ERR",
+            "ERR",
+            id="a class whose text may quote arguments: the class only",
+        ),
+        pytest.param(
+            "ResponseError",
+            f"value '{SECRET}' is not an integer",
+            True,
+            "ResponseError",
+            "",
+            id="ERR without an exception of its own (coredis drops the class): no text",
+        ),
+        pytest.param(
+            "TimeoutError",
+            f"{PIPELINE} of pipeline caused error: ",
+            False,
+            "TimeoutError on XADD",
+            "",
+            id="a timeout in a pipeline",
+        ),
+        pytest.param(
+            "ConnectionError",
+            "Error 111 connecting to 127.0.0.1:6390. Connection refused.",
+            False,
+            "ConnectionError: Error 111 connecting to 127.0.0.1:6390. Connection refused.",
+            "",
+            id="not an answer of Redis's: kept",
+        ),
+        pytest.param(
+            "ConnectionError",
+            "\x1b[31m" + "x" * 500,
+            False,
+            "ConnectionError: \\x1b[31m" + "x" * 75 + "...[522 chars]",
+            "",
+            id="escaped and cut",
+        ),
+    ],
+)
+def test_errors_are_described_without_arguments(
+    kind: str, text: str, answered: bool, described: str, code: str
+) -> None:
+    description = describe_error(kind, text, redis_answered=answered)
+    assert SECRET not in description
+    assert len(description) <= DESCRIPTION_LIMIT
+    assert description == described
+    assert error_class(kind, text) == code
 
 
 # -- resync: where to read on from --------------------------------------------------------------

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from trio_ws.settings import Settings, SettingsError
+from trio_ws.settings import Settings, SettingsError, stream_entry_bytes
 
 
 def test_defaults_match_the_original_design() -> None:
@@ -199,3 +199,54 @@ def test_publish_api_settings_refused(environ: dict[str, str], message: str) -> 
     with pytest.raises(SettingsError, match=re.escape(message)) as caught:
         Settings.from_env(environ)
     assert "0123456789abcdef" not in str(caught.value)
+
+
+def test_the_redis_stream_is_bounded_in_bytes_as_well_as_in_entries() -> None:
+    settings = Settings.from_env({})
+    assert settings.redis_stream_max_bytes == 64 * 1024 * 1024
+    # A 64 KiB message takes up to 82,560 bytes of Redis: 812 of them fit in 64 MiB.
+    assert stream_entry_bytes(64 * 1024) == 82_560
+    assert settings.redis_stream_entries == 812
+    assert settings.redis_stream_entries * stream_entry_bytes(64 * 1024) <= 64 * 1024 * 1024
+    # Small messages: the entry cap holds first.
+    small = Settings.from_env({"TRIO_WS_MAX_MESSAGE_SIZE": "2048"})
+    assert small.redis_stream_entries == 10_000
+    settings = Settings.from_env(
+        {"TRIO_WS_REDIS_STREAM_MAX_BYTES": "16777216", "TRIO_WS_REDIS_STREAM_MAXLEN": "100"}
+    )
+    assert (settings.redis_stream_max_bytes, settings.redis_stream_entries) == (16 << 20, 100)
+    assert Settings(redis_stream_max_bytes=16 << 20).redis_stream_entries == 203
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"TRIO_WS_REDIS_STREAM_MAX_BYTES": "800000"},
+            r"TRIO_WS_REDIS_STREAM_MAX_BYTES must be bytes >= 10 broadcasts of max_message_size "
+            r"\(825600\), got 800000",
+        ),
+        (
+            # Larger messages need a larger budget.
+            {
+                "TRIO_WS_MAX_MESSAGE_SIZE": "1048576",
+                "TRIO_WS_OUTBOX_BYTES": "4194304",
+                "TRIO_WS_REDIS_STREAM_MAX_BYTES": "8388608",
+            },
+            r"TRIO_WS_REDIS_STREAM_MAX_BYTES must be bytes >= 10 broadcasts",
+        ),
+        ({"TRIO_WS_REDIS_STREAM_MAX_BYTES": "64MB"}, "must be an integer, got '64MB'"),
+    ],
+)
+def test_a_redis_stream_budget_too_small_for_ten_messages_is_refused(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env({"TRIO_WS_REDIS_URL": "redis://127.0.0.1:6379/0", **env})
+
+
+def test_without_redis_large_messages_need_no_stream_budget() -> None:
+    settings = Settings.from_env(
+        {"TRIO_WS_MAX_MESSAGE_SIZE": str(16 << 20), "TRIO_WS_OUTBOX_BYTES": str(64 << 20)}
+    )
+    assert settings.max_message_size == 16 << 20

@@ -26,6 +26,13 @@ The rules (tests/unit/test_cluster_log.py has a row for each):
   delivered here, without the copies the reader skipped: the newest that fit in the request's
   budget. Complete only if the ``since`` entry is still in the stream and nothing was left out.
   The requests that arrive together are answered from one read.
+* **Refused** (:meth:`ClusterLog.on_refused`): Redis answered a write with an error. Out of
+  memory (``OOM``): trim the stream to half the entries, then to half again at each refusal in
+  a row, and send again; only if even an empty stream does not help is Redis down. Any other
+  refusal (``NOPERM``, ``READONLY``...) is an outage: retried after a backoff, as after any
+  error, so the cluster is ready again as soon as Redis accepts writes.
+* **Errors, described** (:func:`describe_error`): a short line with the command's name and
+  Redis's error class, never the command's arguments (a message's text).
 * **Stall** (:class:`StallWatch`): a broker that is up but has stopped moving (messages wait to
   come back from the stream, or no read has finished for ``stall_timeout``) is treated as down.
 """
@@ -34,6 +41,8 @@ from __future__ import annotations
 
 import bisect
 import collections
+import itertools
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -44,8 +53,10 @@ from trio_ws.core.broker import (
     History,
     HistoryBudget,
     Outgoing,
+    approximate_size,
 )
 from trio_ws.core.protocol import parse_message_id
+from trio_ws.core.words import loggable
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Sequence
@@ -59,6 +70,8 @@ RECENT_LIMIT = 1000
 SEEN_ORIGINS_LIMIT = 10_000
 #: Each half of a Redis Stream id is an unsigned 64-bit number: Redis refuses a larger one.
 STREAM_ID_PART_MAX = 2**64 - 1
+#: Seconds between two warnings about writes refused for memory (the first is said at once).
+REFUSAL_REPORT_EVERY_S = 10.0
 
 
 @dataclass(slots=True)
@@ -95,6 +108,20 @@ class Resync:
     #: Own messages queued to be sent again.
     resending: int
     down_for: float
+
+
+@dataclass(frozen=True, slots=True)
+class Trim:
+    """What :meth:`ClusterLog.on_refused` decided: trim the stream to its newest ``keep``
+    entries, then run the refused command again."""
+
+    keep: int
+    #: Refusals in a row, this one included.
+    refusals: int
+    #: Whether the shell should log it now (the first, then one every REFUSAL_REPORT_EVERY_S).
+    report: bool
+    #: Trims since the last report, this one included.
+    since_report: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +172,8 @@ class LogStatistics:
     resent_after_outages: int
     replayed_after_outages: int
     duplicates_skipped: int
+    #: Times the stream was trimmed harder because Redis refused a write for memory.
+    trims_after_refusals: int
 
 
 class ClusterLog:
@@ -156,10 +185,13 @@ class ClusterLog:
         *,
         pending_limit: int,
         skipped_limit: int,
+        stream_cap: int = 10_000,
         recent_limit: int = RECENT_LIMIT,
         origins_limit: int = SEEN_ORIGINS_LIMIT,
     ) -> None:
         self.origin = origin
+        #: Most entries the stream keeps (XADD's MAXLEN): where trimming after a refusal starts.
+        self.stream_cap = stream_cap
         self._pending_limit = pending_limit
         self._skipped_limit = skipped_limit
         self._origins_limit = origins_limit
@@ -186,6 +218,10 @@ class ClusterLog:
         self._dropped_in_outage = 0
         self._resent = 0
         self._replayed = 0
+        self._refusals = 0
+        self._trims = 0
+        self._trims_since_report = 0
+        self._reported_at: float | None = None
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -225,6 +261,7 @@ class ClusterLog:
             resent_after_outages=self._resent,
             replayed_after_outages=self._replayed,
             duplicates_skipped=self._duplicates_skipped,
+            trims_after_refusals=self._trims,
         )
 
     # -- events --------------------------------------------------------------------------------
@@ -257,12 +294,22 @@ class ClusterLog:
         self._unsent.append(pending)
         return deliveries
 
-    def next_batch(self, most: int) -> list[Pending]:
-        """The next messages to send to the stream, oldest first (not removed yet)."""
-        return [self._unsent[i] for i in range(min(most, len(self._unsent)))]
+    def next_batch(self, most: int, max_bytes: int | None = None) -> list[Pending]:
+        """The next messages to send to the stream, oldest first (not removed yet): at most
+        ``most``, and no more than ``max_bytes`` (each counted as its text, its sender and 64
+        bytes) unless the first alone is larger. Bounds what one pipeline holds in Redis."""
+        batch: list[Pending] = []
+        size = 0
+        for pending in itertools.islice(self._unsent, most):
+            size += approximate_size(pending.message)
+            if batch and max_bytes is not None and size > max_bytes:
+                break
+            batch.append(pending)
+        return batch
 
     def batch_sent(self, batch: Sequence[Pending]) -> None:
         """``batch`` reached Redis. Its messages stay pending until they come back."""
+        self._refusals = 0  # Redis takes writes again
         for pending in batch:
             # An outage may have rebuilt the queue meanwhile: only drop what was sent.
             if self._unsent and self._unsent[0] is pending:
@@ -315,6 +362,26 @@ class ClusterLog:
         )
         return flushed
 
+    def on_refused(self, error_class: str, description: str, now: float) -> Trim | None:
+        """Redis answered a command with the error ``error_class`` (``OOM``, ``NOPERM``...;
+        see :func:`error_class`). Returns the trim to run before trying again, or None: an
+        outage (the shell calls :meth:`on_error`)."""
+        self._last_error = description
+        if error_class != "OOM":
+            return None  # not a matter of memory: trimming would not help
+        if self._refusals > 0 and self.stream_cap >> self._refusals == 0:
+            # Refused with the stream already emptied: Redis's memory is not ours to free.
+            return None
+        self._refusals += 1
+        self._trims += 1
+        self._trims_since_report += 1
+        report = self._reported_at is None or now - self._reported_at >= REFUSAL_REPORT_EVERY_S
+        since_report = self._trims_since_report
+        if report:
+            self._reported_at = now
+            self._trims_since_report = 0
+        return Trim(self.stream_cap >> self._refusals, self._refusals, report, since_report)
+
     def on_resync(self, run_id: str, stream: StreamInfo | None, now: float) -> Resync:
         """Redis answers again: where to read on from, and what to send again. The broker is
         up when this returns."""
@@ -337,6 +404,7 @@ class ClusterLog:
         down_for = 0.0 if self._down_since is None else now - self._down_since
         self._state = BrokerState.UP
         self._down_since = None
+        self._refusals = 0
         self._replaying = True
         self._resent += len(self._unsent)
         return Resync(
@@ -463,6 +531,74 @@ class _ReadIndex:
             kept.append(broadcast)
         kept.reverse()
         return History(kept, present and not cut)
+
+
+#: Redis error classes whose text names none of the command's arguments: kept in descriptions.
+#: Any other class (ERR, WRONGTYPE...) may quote arguments back, so only its class is kept.
+_PLAIN_ERROR_CLASSES = frozenset(
+    {"OOM", "NOPERM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "MISCONF", "NOAUTH", "WRONGPASS"}
+)
+#: coredis turns some of Redis's error classes into exceptions of their own, and drops the
+#: class from the text (also ERR's, when it has no exception of its own).
+_CLASS_OF_EXCEPTION = {
+    "AuthorizationError": "NOPERM",
+    "ReadOnlyError": "READONLY",
+    "BusyLoadingError": "LOADING",
+    "AuthenticationRequiredError": "NOAUTH",
+    "AuthenticationFailureError": "WRONGPASS",
+    "WrongTypeError": "WRONGTYPE",
+    "UnknownCommandError": "ERR",
+    "NoScriptError": "NOSCRIPT",
+    "ExecAbortError": "EXECABORT",
+    "NoKeyError": "NOKEY",
+    "NotBusyError": "NOTBUSY",
+    "UnblockedError": "UNBLOCKED",
+    "StreamConsumerGroupError": "NOGROUP",
+    "StreamDuplicateConsumerGroupError": "BUSYGROUP",
+}
+#: coredis's pipeline errors: "Command # 3 (XADD <every argument>) of pipeline caused error: ".
+_PIPELINE_ERROR = re.compile(r"Command # \d+ \((\S+)")
+_PIPELINE_ERROR_END = " of pipeline caused error: "
+_ERROR_CLASS = re.compile(r"[A-Z][A-Z_]{1,19}")
+#: Most characters of an error description, in /health and in a log line (100 kept, and the
+#: marker that says how long it was).
+DESCRIPTION_LIMIT = 120
+
+
+def describe_error(kind: str, text: str, *, redis_answered: bool) -> str:
+    """An error as /health and the logs show it: the exception's ``kind``, the command's name,
+    and, if Redis answered with an error (``redis_answered``), its error class, with Redis's
+    text only for the classes known to quote nothing back: never the command's arguments,
+    which carry messages' text. Escaped and cut to DESCRIPTION_LIMIT.
+
+    ``describe_error("ResponseError", "Command # 3 (XADD s ... t hello) of pipeline caused
+    error: OOM command not allowed...", redis_answered=True)`` -> ``"ResponseError on XADD: OOM
+    command not allowed..."``.
+    """
+    command = ""
+    if match := _PIPELINE_ERROR.match(text):
+        command = f" on {match.group(1).upper()}"
+        # The arguments come before the last separator; Redis's own text after it.
+        text = text.rpartition(_PIPELINE_ERROR_END)[2]
+    if redis_answered:
+        code = error_class(kind, text)
+        if code not in _PLAIN_ERROR_CLASSES:
+            text = code
+        elif not text.startswith(code):
+            text = f"{code} {text}"
+    described = f"{kind}{command}: {text}" if text else f"{kind}{command}"
+    return loggable(described, DESCRIPTION_LIMIT - 20)
+
+
+def error_class(kind: str, text: str) -> str:
+    """Redis's error class (``OOM``, ``NOPERM``) of an error Redis answered: from the
+    exception's ``kind`` or the first word of its ``text``; "" if neither says."""
+    if kind in _CLASS_OF_EXCEPTION:
+        return _CLASS_OF_EXCEPTION[kind]
+    if _PIPELINE_ERROR.match(text):
+        text = text.rpartition(_PIPELINE_ERROR_END)[2]
+    first = text.split(" ", 1)[0]
+    return first if _ERROR_CLASS.fullmatch(first) else ""
 
 
 def _is_stream_id(key: tuple[int, int]) -> bool:

@@ -21,6 +21,11 @@ Theory of operation:
   meanwhile), and the publisher re-sends everything pending (what this process sent meanwhile),
   which the other processes then deliver and this one skips.
 * **Cluster**: :mod:`trio_ws.brokers.membership` (heartbeat, cluster view, periodic claim).
+* **Bounded**: the stream keeps at most ``stream_maxlen`` entries, which the settings derive
+  from a byte budget (``TRIO_WS_REDIS_STREAM_MAX_BYTES``); one pipeline and one read hold a
+  bounded number of bytes. A write Redis refuses for memory (OOM) makes the stream shorter
+  (``XTRIM``, as the log decides) and is sent again; errors are described without the
+  command's arguments, which carry messages' text.
 
 The decisions (what to deliver, skip, send again, replay) are
 :mod:`trio_ws.brokers.cluster_log`'s, which does no I/O; this module does the I/O and tells the
@@ -60,6 +65,8 @@ from trio_ws.brokers.cluster_log import (
     Resync,
     StallWatch,
     StreamInfo,
+    describe_error,
+    error_class,
 )
 from trio_ws.brokers.entries import Entry, decode_entry, encode_entry
 from trio_ws.brokers.mailbox import Mailbox
@@ -73,6 +80,7 @@ from trio_ws.core.broker import (
     Member,
     Outgoing,
 )
+from trio_ws.core.words import loggable, plural
 from trio_ws.settings import redact_url
 
 if TYPE_CHECKING:
@@ -89,6 +97,14 @@ LOGGER = logging.getLogger(__name__)
 BLOCK_MS = 1000
 #: Most entries one ``XREAD`` returns, and most ``XADD`` in one pipeline.
 BATCH = 500
+#: Most bytes of messages in one ``XADD`` pipeline (at least one message): Redis holds the
+#: whole pipeline in memory while it runs it.
+PIPELINE_BYTES = 1 << 20
+#: Most bytes one ``XREAD`` may return, counted with entries of the maximum size: Redis holds
+#: the reply in memory until it is sent.
+READ_BYTES = 4 << 20
+#: Fewest entries one ``XREAD`` asks for, however large they may be.
+READ_MIN = 10
 #: A command (connect included) that takes longer means a dead or half-open connection.
 COMMAND_TIMEOUT_S = 5.0
 HEARTBEAT_S = 2.0
@@ -131,6 +147,8 @@ class RedisBroker(Broker):
         *,
         prefix: str = "trio_ws",
         stream_maxlen: int = 10_000,
+        stream_max_bytes: int | None = None,
+        max_entry_bytes: int = 0,
         pending_limit: int = 10_000,
         connect_timeout: float = COMMAND_TIMEOUT_S,
         command_timeout: float = COMMAND_TIMEOUT_S,
@@ -142,6 +160,12 @@ class RedisBroker(Broker):
         self.stream = f"{prefix}:broadcasts"
         self._prefix = prefix
         self._stream_maxlen = stream_maxlen
+        #: Only for the logs: the budget that ``stream_maxlen`` was derived from.
+        self._stream_max_bytes = stream_max_bytes
+        #: Entries per read: as many maximum-size entries as fit in READ_BYTES.
+        self._read_count = BATCH
+        if max_entry_bytes > 0:
+            self._read_count = max(READ_MIN, min(BATCH, READ_BYTES // max_entry_bytes))
         self._pending_limit = pending_limit
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
@@ -180,6 +204,7 @@ class RedisBroker(Broker):
                 member.instance_id,
                 pending_limit=self._pending_limit,
                 skipped_limit=self._stream_maxlen,
+                stream_cap=self._stream_maxlen,
             ),
             Membership(self._prefix, member.instance_id, self._instance_ttl_s),
         )
@@ -275,6 +300,7 @@ class RedisBroker(Broker):
             "resent_after_outages": stats.resent_after_outages,
             "replayed_after_outages": stats.replayed_after_outages,
             "duplicates_skipped": stats.duplicates_skipped,
+            "trims_after_refusals": stats.trims_after_refusals,
             "stalls": self.stalls,
             "history_requests": self.history_requests,
             "history_reads": self.history_reads,
@@ -331,12 +357,17 @@ class RedisBroker(Broker):
         log = self._require_joined().log
         log.start(await self._run_id(client), await self._stream_info(client))
         await self._heartbeat(client)
+        budget = ""
+        if self._stream_max_bytes is not None:
+            budget = f", {self._stream_max_bytes / (1 << 20):g} MiB"
         LOGGER.info(
-            "broker: Redis at %s, stream %s from id %s, instance %s; cluster: %d instances, "
-            "%d connections",
+            "broker: Redis at %s, stream %s from id %s (at most %d entries%s), instance %s; "
+            "cluster: %d instances, %d connections",
             redact_url(self.url),
             self.stream,
             log.last_id,
+            self._stream_maxlen,
+            budget,
             log.origin,
             self._cluster.instances if self._cluster else 0,
             self._cluster.connections if self._cluster else 0,
@@ -389,6 +420,40 @@ class RedisBroker(Broker):
     def _command_failed(self, error: Exception) -> None:
         self._fail("unreachable", _describe(error))
 
+    async def _relieve(self, client: coredis.Redis[str], error: Exception) -> bool:
+        """A command failed with ``error``. If Redis refused it for memory, trim the stream as
+        the log decides and return True: the caller tries again. Otherwise end the session
+        (an outage) and return False."""
+        log = self._require_joined().log
+        if not isinstance(error, coredis.exceptions.ResponseError):
+            self._command_failed(error)
+            return False
+        description = _describe(error)
+        code = error_class(type(error).__name__, str(error))
+        trim = log.on_refused(code, description, trio.current_time())
+        if trim is None:
+            self._command_failed(error)
+            return False
+        try:
+            with trio.fail_after(self._command_timeout):
+                removed = await client.xtrim(
+                    self.stream, trim_strategy=PureToken.MAXLEN, threshold=trim.keep
+                )
+        except BROKER_ERRORS as trim_error:
+            self._command_failed(trim_error)
+            return False
+        if trim.report:
+            LOGGER.warning(
+                "broker: Redis refused a write (%s): trimmed the stream to its newest %d "
+                "entries (%d removed) and trying again; %s since the last warning. Give Redis more "
+                "memory or lower TRIO_WS_REDIS_STREAM_MAX_BYTES",
+                description,
+                trim.keep,
+                removed,
+                plural(trim.since_report, "trim"),
+            )
+        return True
+
     # -- the session's tasks -------------------------------------------------------------------
 
     async def _read_loop(self, client: coredis.Redis[str]) -> None:
@@ -398,7 +463,7 @@ class RedisBroker(Broker):
             try:
                 with trio.fail_after(BLOCK_MS / 1000 + self._command_timeout):
                     response = await client.xread(
-                        {self.stream: log.last_id}, count=BATCH, block=BLOCK_MS
+                        {self.stream: log.last_id}, count=self._read_count, block=BLOCK_MS
                     )
             except BROKER_ERRORS as error:
                 self._command_failed(error)
@@ -408,13 +473,13 @@ class RedisBroker(Broker):
             for entry in entries:
                 for broadcast in log.on_entry(str(entry.identifier), _decode(entry)):
                     member.deliver(broadcast)
-            log.read_finished(full=len(entries) >= BATCH)
+            log.read_finished(full=len(entries) >= self._read_count)
             self._space.unpark_all()
 
     async def _publish_loop(self, client: coredis.Redis[str]) -> None:
         log = self._require_joined().log
         while True:
-            batch = log.next_batch(BATCH)
+            batch = log.next_batch(BATCH, PIPELINE_BYTES)
             if not batch:
                 self._work = trio.Event()
                 await self._work.wait()
@@ -431,7 +496,8 @@ class RedisBroker(Broker):
                                 threshold=self._stream_maxlen,
                             )
             except BROKER_ERRORS as error:
-                self._command_failed(error)
+                if await self._relieve(client, error):
+                    continue  # the same batch again, into a shorter stream
                 return
             log.batch_sent(batch)
 
@@ -445,7 +511,8 @@ class RedisBroker(Broker):
                 with trio.fail_after(self._command_timeout):
                     await self._heartbeat(client)
             except BROKER_ERRORS as error:
-                self._command_failed(error)
+                if await self._relieve(client, error):
+                    continue  # the next heartbeat, into a shorter stream
                 return
 
     async def _history_loop(self, client: coredis.Redis[str]) -> None:
@@ -500,15 +567,28 @@ class RedisBroker(Broker):
             requests = await self._commands.take_all()
             try:
                 for request in requests:
-                    try:
-                        with trio.fail_after(self._command_timeout):
-                            request.reply(await request.question(client))
-                    except BROKER_ERRORS as error:
-                        self._command_failed(error)
-                        return
+                    answer = await self._run_command(client, request.question)
+                    if answer is None:
+                        return  # the session is over
+                    request.reply(answer)
             finally:
                 for request in requests:
                     request.give_up()
+
+    async def _run_command(self, client: coredis.Redis[str], command: Command) -> bool | None:
+        """``command``'s answer; once more after a trim for memory. None: the session ends."""
+        try:
+            with trio.fail_after(self._command_timeout):
+                return await command(client)
+        except BROKER_ERRORS as error:
+            if not await self._relieve(client, error):
+                return None
+        try:
+            with trio.fail_after(self._command_timeout):
+                return await command(client)
+        except BROKER_ERRORS as error:
+            self._command_failed(error)
+            return None
 
     async def _watchdog(self) -> None:
         log = self._require_joined().log
@@ -583,8 +663,8 @@ def _report_resync(resync: Resync, url: str, stream: str) -> None:
     elif resync.stream == "trimmed":
         LOGGER.warning(
             "broker: the outage outlasted the replay window: entries after %s were trimmed "
-            "from the stream (TRIO_WS_REDIS_STREAM_MAXLEN); some broadcasts did not reach "
-            "this process's clients",
+            "from the stream (TRIO_WS_REDIS_STREAM_MAXLEN, TRIO_WS_REDIS_STREAM_MAX_BYTES); "
+            "some broadcasts did not reach this process's clients",
             resync.last_id_before,
         )
     if resync.restarted is not None:
@@ -612,16 +692,19 @@ def _decode(entry: StreamEntry) -> Entry | None:
         return decode_entry(cast("Mapping[str, str]", entry.field_values))
     except (KeyError, ValueError) as error:
         LOGGER.warning(
-            "broker: skipped stream entry %s not written by trio_ws (%r)", entry.identifier, error
+            "broker: skipped stream entry %s not written by trio_ws (%s)",
+            entry.identifier,
+            loggable(repr(error)),
         )
         return None
 
 
 def _describe(error: BaseException) -> str:
+    """Short, and never the command's arguments (see :func:`describe_error`)."""
     if isinstance(error, trio.TooSlowError):
         return "no answer within the command timeout"
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    answered = isinstance(error, coredis.exceptions.ResponseError)
+    return describe_error(type(error).__name__, str(error), redis_answered=answered)
 
 
 def _first_leaf(group: BaseExceptionGroup[Exception]) -> Exception:

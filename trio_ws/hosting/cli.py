@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CIDRS",
         help="proxies whose X-Forwarded-For is believed, comma-separated (none)",
     )
+    add(
+        "--redis-stream-max-bytes",
+        type=int,
+        metavar="BYTES",
+        help="Redis memory the stream may take (67108864)",
+    )
     add("--version", action="version", version=f"trio_ws {__version__}")
     return parser
 

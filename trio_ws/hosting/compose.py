@@ -20,7 +20,7 @@ from trio_ws.hosting import fdlimit, hypercorn_cli, modes, signals
 from trio_ws.hosting.logs import configure_logging
 from trio_ws.hosting.modes import RunMode
 from trio_ws.hosting.sockets import tune_listeners
-from trio_ws.settings import Settings
+from trio_ws.settings import Settings, stream_entry_bytes
 from trio_ws.shell import hypercorn_guard, hypercorn_limits
 from trio_ws.shell.app import TrioWsApp, create_app
 from trio_ws.shell.sinks import DirectPath
@@ -47,7 +47,9 @@ def create_broker(settings: Settings) -> Broker:
     return RedisBroker(
         settings.redis_url,
         prefix=settings.redis_prefix,
-        stream_maxlen=settings.redis_stream_maxlen,
+        stream_maxlen=settings.redis_stream_entries,
+        stream_max_bytes=settings.redis_stream_max_bytes,
+        max_entry_bytes=stream_entry_bytes(settings.max_message_size),
     )
 
 
