@@ -148,3 +148,13 @@ def test_compression_is_on_or_off(raw: str, expected: bool) -> None:
 def test_compression_refuses_anything_else() -> None:
     with pytest.raises(SettingsError, match="TRIO_WS_COMPRESSION must be on or off, got 'yes'"):
         Settings.from_env({"TRIO_WS_COMPRESSION": "yes"})
+
+
+def test_pong_timeout() -> None:
+    assert Settings.from_env({}).pong_timeout == 20.0
+    assert Settings.from_env({"TRIO_WS_PONG_TIMEOUT": "0"}).pong_timeout == 0.0
+    settings = Settings.from_env({"TRIO_WS_PONG_TIMEOUT": "7.5"})
+    assert settings.pong_timeout == 7.5
+    assert "pong_timeout=7.5s" in settings.describe()
+    with pytest.raises(SettingsError, match="TRIO_WS_PONG_TIMEOUT must be seconds >= 0"):
+        Settings.from_env({"TRIO_WS_PONG_TIMEOUT": "-1"})

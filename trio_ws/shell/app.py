@@ -66,7 +66,10 @@ def create_app(hub: Hub, *, lifespan: Lifespan | None = None) -> TrioWsApp:
     app.hub = hub
     app.direct = DirectPath()
     app.websocket_limits = WebSocketLimits(
-        hub.settings.max_message_size, compression=hub.settings.compression
+        hub.settings.max_message_size,
+        compression=hub.settings.compression,
+        own_pings=True,
+        on_protocol_error=hub.note_protocol_error,
     )
 
     if lifespan is not None:

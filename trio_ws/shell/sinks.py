@@ -29,8 +29,10 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from hypercorn.trio.tcp_server import TCPServer
 from wsproto.connection import ConnectionState
+from wsproto.events import Ping
 
 from trio_ws.core.outbox import Written
+from trio_ws.core.protocol import PING
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -60,6 +62,7 @@ def check_direct_path() -> str | None:
     needs = {
         WSStream.__init__: ("send", "closed", "state"),
         WSStream._accept: ("connection",),
+        WSStream._send_wsproto_event: ("connection", "send"),
         TCPServer.__init__: ("stream", "send_lock"),
     }
     for init, names in needs.items():
@@ -102,13 +105,26 @@ class DirectPath:
 
 
 class AsgiSink:
-    """Frames through the ASGI ``send`` callable, one at a time."""
+    """Frames through the ASGI ``send`` callable, one at a time.
 
-    __slots__ = ("_send",)
+    ASGI has no ping: :data:`~trio_ws.core.protocol.PING` goes through Hypercorn's WebSocket
+    stream behind ``send`` (over HTTP/2, inside its DATA frames), as Hypercorn's own pings did.
+    Behind another host there is none, :attr:`can_ping` is False, and the connection is not
+    pinged (nor closed for not answering).
+    """
+
+    __slots__ = ("_send", "_ws_stream")
     kind = "asgi"
 
     def __init__(self, send: AsgiSend) -> None:
         self._send = send
+        ws_stream = getattr(send, "__self__", None)  # WSStream.app_send, under Hypercorn
+        pingable = isinstance(ws_stream, WSStream) and hasattr(ws_stream, "_send_wsproto_event")
+        self._ws_stream = ws_stream if pingable else None
+
+    @property
+    def can_ping(self) -> bool:
+        return self._ws_stream is not None
 
     def try_write(self, frame: Frame) -> Written:
         return Written.NOTHING
@@ -119,9 +135,20 @@ class AsgiSink:
 
     async def write(self, frames: Sequence[Frame]) -> bool:
         for frame in frames:
-            if frame.text:  # WAKE (empty) is only ever queued for a direct sink
+            if frame is PING:
+                await self._ping()
+            elif frame.text:  # WAKE (empty) is only ever queued for a direct sink
                 await self._send({"type": "websocket.send", "text": frame.text})
         return True
+
+    async def _ping(self) -> None:
+        ws_stream = self._ws_stream
+        if (
+            ws_stream is not None
+            and not ws_stream.closed
+            and ws_stream.state is ASGIWebsocketState.CONNECTED
+        ):
+            await ws_stream._send_wsproto_event(Ping())
 
     async def close(self, code: int, reason: str) -> None:
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
@@ -136,12 +163,12 @@ class DirectSink(AsgiSink):
     follows a close frame. Closes through ASGI, so Hypercorn's state machine sees the close.
     """
 
-    __slots__ = ("_lock", "_pending", "_raw", "_stream", "_ws_stream")
+    __slots__ = ("_lock", "_pending", "_raw", "_stream")
     kind = "direct"
 
     def __init__(self, send: AsgiSend, ws_stream: Any, stream: Any, lock: trio.Lock) -> None:
         super().__init__(send)
-        self._ws_stream = ws_stream
+        self._ws_stream: Any = ws_stream
         self._stream = stream
         self._lock = lock
         self._pending: memoryview | None = None

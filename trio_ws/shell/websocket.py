@@ -29,6 +29,7 @@ from trio_ws.core.protocol import (
 )
 from trio_ws.core.publish_limits import RATE_LIMITED_REASON, PublishLimit, PublishPolicy
 from trio_ws.core.words import loggable
+from trio_ws.shell import hypercorn_limits
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -93,7 +94,7 @@ class WebSocketEndpoint:
             await _close(sink, CloseCode.TRY_AGAIN_LATER, refused.close_reason, peer)
             return
         try:
-            await self._serve(scope, receive, sink, client_id, attempt, peer)
+            await self._serve(scope, receive, send, sink, client_id, attempt, peer)
         finally:
             hub.admission.release(key)
 
@@ -101,6 +102,7 @@ class WebSocketEndpoint:
         self,
         scope: dict[str, Any],
         receive: Receive,
+        send: Send,
         sink: AsgiSink,
         client_id: str | None,
         attempt: int,
@@ -125,6 +127,8 @@ class WebSocketEndpoint:
         except StaleAttemptError as error:
             await _close(sink, CloseCode.REPLACED, str(error), peer)
             return
+        if sink.can_ping and hypercorn_limits.watch_reads(send, connection):
+            hub.watch(connection)  # pinged from now on, and closed with 4010 if silent
         try:
             if since is not None:
                 await hub.resume(connection, since)
