@@ -279,11 +279,19 @@ async def _handle_events(self: WSStream) -> None:
             elif state is ConnectionState.OPEN:
                 # wsproto gave up on the stream (ParseFailed): say why before closing.
                 if event.code != CloseReason.MESSAGE_TOO_BIG and limits.on_protocol_error:
-                    limits.on_protocol_error(int(event.code), event.reason or "", _peer(self))
+                    limits.on_protocol_error(int(event.code), _kind(event), _peer(self))
                 await _refuse(self, event.code, limits)
                 return
             await self.send(StreamClosed(stream_id=self.stream_id))
             return
+
+
+def _kind(event: CloseConnection) -> str:
+    """What was wrong, in wsproto's fixed words; for bad UTF-8 (whose message quotes a byte of
+    the client's), only that."""
+    if event.code == CloseReason.INVALID_FRAME_PAYLOAD_DATA:
+        return "invalid UTF-8"
+    return event.reason or "malformed frame"
 
 
 def _peer(stream: WSStream) -> str:
