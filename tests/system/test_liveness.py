@@ -4,17 +4,20 @@ run mode (the hub's one pinger sends them)."""
 
 from __future__ import annotations
 
+import re
 import struct
 import time
 from collections.abc import Sequence
 
 import pytest
 import trio
+from trio_websocket import open_websocket_url
 
 from tests.hostile import TEXT, assert_still_served, bystander, client_frame, wait_closed
 from tests.procutil import LAUNCHER, hypercorn, running
 from tests.system.test_hostile_input import host_port
-from tests.wsutil import http_json, raw_handshake, read_server_frames
+from tests.wsutil import http_json, next_frame, raw_handshake, read_server_frames
+from trio_ws.shell.websocket import CLOSE_TIMEOUT_S
 
 PING, CLOSE = 0x9, 0x8
 
@@ -112,4 +115,51 @@ async def test_hypercorn_pings_are_off_even_when_its_command_line_asks() -> None
         # Only the welcome (a text frame), no ping.
         assert received.startswith(b"\x81")
         assert b"\x89\x00" not in received[received.index(b"}") :], received
+        sock.close()
+
+
+def _log_time(line: str) -> float:
+    stamp = re.search(r"\d\d:\d\d:\d\d,\d\d\d", line)
+    assert stamp is not None, line
+    h, m, rest = stamp.group(0).split(":")
+    return int(h) * 3600 + int(m) * 60 + float(rest.replace(",", "."))
+
+
+async def test_a_client_that_reads_nothing_is_dropped_within_the_close_timeout() -> None:
+    """A client that neither reads nor answers, its socket full of broadcasts: the writer's
+    write to it cannot finish and neither can a close frame. Without a bound it stayed until
+    TCP_USER_TIMEOUT (30 s); now the connection is reset CLOSE_TIMEOUT_S (5 s) after the close
+    request."""
+    env = {
+        **FAST_PINGS,
+        "TRIO_WS_PONG_TIMEOUT": "2",
+        "TRIO_WS_PUBLISH_RATE": "0",
+        "TRIO_WS_PUBLISH_BYTES_RATE": "0",
+        "TRIO_WS_OUTBOX_BYTES": str(64 << 20),  # the 4010, not a 4008, closes it
+        "TRIO_WS_QUEUE_SIZE": "100000",
+    }
+    async with running(LAUNCHER, env) as server:
+        url = await server.ws_url()
+        sock = await raw_handshake(*host_port(url), "/ws/stuck", rcvbuf=4096)
+        async with (
+            open_websocket_url(f"{url}/publisher") as publisher,
+            trio.open_nursery() as nursery,
+        ):
+            await next_frame(publisher)
+
+            async def keep_reading() -> None:  # so that the publisher answers its pings
+                while True:
+                    await publisher.get_message()
+
+            nursery.start_soon(keep_reading)
+            with trio.move_on_after(1.5):  # bounded: 60 KB messages, for 1.5 s
+                while True:
+                    await publisher.send_message("x" * 60_000)
+                    await trio.sleep(0.005)
+            closed = await server.wait_for_line(r".*with 4010.*client stuck from", timeout=10)
+            gone = await server.wait_for_line(r".*client stuck disconnected after", timeout=15)
+            nursery.cancel_scope.cancel()
+        assert server.count("with 4010") == 1  # the publisher, reading, was never closed
+        took = _log_time(gone.group(0)) - _log_time(closed.group(0))
+        assert took < CLOSE_TIMEOUT_S + 1.5, took
         sock.close()
