@@ -2,7 +2,7 @@
 
 It owns the registry and hands broadcasts to a broker (``trio_ws.brokers``: in-process by
 default, Redis for a cluster), which numbers them and delivers every broadcast of the cluster back
-through :meth:`Hub.deliver`. :meth:`Hub.run` runs three sibling tasks in whatever nursery the
+through :meth:`Hub.deliver`. :meth:`Hub.run` runs its sibling tasks in whatever nursery the
 host gives it: the broker, the periodic broadcaster (in its own cancel scope, cancelled when the
 drain starts), the pinger (one task for every connection: :mod:`trio_ws.core.liveness` says
 whom to ping and whom to close, with 4010, for not answering) and the drain watcher
