@@ -8,7 +8,7 @@ from trio_ws.core.liveness import NOT_WATCHED, LivenessPolicy, LivenessSchedule
 
 
 class Client:
-    __slots__ = ("heard_at", "name", "ping_slot")
+    __slots__ = ("__weakref__", "heard_at", "name", "ping_slot")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -147,3 +147,17 @@ def test_watching_marks_the_client_heard_now() -> None:
     schedule.tick(0.0)
     schedule.watch(a, 7.0)
     assert a.heard_at == 7.0
+
+
+def test_a_gone_connection_is_not_kept_alive_by_the_schedule() -> None:
+    import weakref
+
+    schedule: LivenessSchedule[Client] = LivenessSchedule(FAST)
+    a = Client("a")
+    schedule.watch(a, 0.0)
+    assert schedule.tick(0.0).ping == [a]  # now in a group waiting for its answer
+    schedule.forget(a)
+    gone = weakref.ref(a)
+    del a
+    assert gone() is None
+    assert schedule.tick(1.0).overdue == []

@@ -18,7 +18,8 @@ Theory of operation:
 * **Overdue.** The pings of one tick form a group. ``pong_timeout`` after the group was pinged,
   each member that has heard nothing since is overdue, and is forgotten here (the hub closes it).
   With a pong timeout longer than the interval a client gets several pings, and the first one
-  it left unanswered counts.
+  it left unanswered counts. Groups hold weak references: a connection that has gone is not
+  kept in memory until its group's time is up.
 * **Late ticks catch up.** A tick called late (a busy event loop) does every slot it missed, so
   no connection loses its ping or its check; the schedule never drifts.
 """
@@ -26,6 +27,7 @@ Theory of operation:
 from __future__ import annotations
 
 import collections
+import weakref
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -91,7 +93,7 @@ class LivenessSchedule(Generic[W]):
         self._cursor = 0
         self._next_tick: float | None = None
         #: The groups still waiting for answers: (when pinged, who), oldest first.
-        self._waiting: collections.deque[tuple[float, list[W]]] = collections.deque()
+        self._waiting: collections.deque[tuple[float, list[weakref.ref[W]]]] = collections.deque()
 
     def __len__(self) -> int:
         return sum(len(slot) for slot in self._slots)
@@ -136,7 +138,7 @@ class LivenessSchedule(Generic[W]):
                 group = list(slot)
                 ping.extend(group)
                 if self.policy.checks_answers:
-                    self._waiting.append((now, group))
+                    self._waiting.append((now, [weakref.ref(c) for c in group]))
             self._cursor = (self._cursor + 1) % self.policy.slots
             self._next_tick += self.policy.tick_s
         return Due(ping, overdue)
@@ -147,7 +149,10 @@ class LivenessSchedule(Generic[W]):
         timeout = self.policy.pong_timeout
         while waiting and waiting[0][0] + timeout <= now:
             pinged_at, group = waiting.popleft()
-            for connection in group:
+            for ref in group:
+                connection = ref()
+                if connection is None:
+                    continue  # gone, and already forgotten
                 if connection.ping_slot != NOT_WATCHED and connection.heard_at <= pinged_at:
                     self.forget(connection)
                     overdue.append(connection)

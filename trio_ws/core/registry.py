@@ -40,6 +40,7 @@ class Connection:
     was asked to close."""
 
     __slots__ = (
+        "__weakref__",  # the pinger's groups (core/liveness.py) do not keep a gone client alive
         "_close_scope",
         "attempt",
         "client_id",
