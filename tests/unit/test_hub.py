@@ -433,3 +433,34 @@ def test_protocol_errors_are_counted_and_logged_at_debug(
     assert record.levelno == logging.DEBUG
     assert "\x1b" not in record.getMessage()
     assert "protocol error from 1.2.3.4:5, closed with 1002" in record.getMessage()
+
+
+async def test_the_pinger_lets_other_tasks_run_between_batches(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tick's pings go out in batches of PING_BATCH with a checkpoint after each: another
+    task runs in the middle of a tick rather than after all of it."""
+    import trio_ws.core.hub as hub_module
+
+    monkeypatch.setattr(hub_module, "PING_BATCH", 10)
+    hub = make_hub(ping_interval=20, pong_timeout=0, broadcast_interval=0)
+    conns = [hub.connect(f"c{i}", "p") for i in range(1000)]  # 50 a tick
+    for conn in conns:
+        conn.take_queued()
+        hub.watch(conn)
+    seen_mid_tick: list[int] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+
+        async def observe() -> None:
+            for _ in range(100):  # bounded: the first tick is over long before
+                pinged = sum(1 for c in conns if len(c.outbox))
+                if 0 < pinged < 50:
+                    seen_mid_tick.append(pinged)
+                await trio.lowlevel.checkpoint()
+
+        nursery.start_soon(observe)
+        await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    assert seen_mid_tick  # the observer ran while the first tick was under way
+    assert all(count % 10 == 0 for count in seen_mid_tick)
