@@ -27,6 +27,8 @@ FAST_PINGS = {
     "TRIO_WS_DRAIN_TIMEOUT": "5",
     "TRIO_WS_PING_INTERVAL": "0.5",
     "TRIO_WS_PONG_TIMEOUT": "1",
+    # The counts in /health are detail (public /health once #11 is merged); ignored before.
+    "TRIO_WS_HEALTH_DETAIL": "on",
 }
 
 MODES = {
