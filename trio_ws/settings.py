@@ -116,6 +116,9 @@ class Settings:
     #: broadcasts as fit when each is of ``max_message_size`` (see :func:`stream_entry_bytes`),
     #: and at most ``redis_stream_maxlen``: :attr:`redis_stream_entries`.
     redis_stream_max_bytes: int = 64 * 1024 * 1024
+    #: Seconds a client has to send anything (a pong, any frame) after a ping before it is
+    #: closed with 4010; 0 turns the check off (pings still go out).
+    pong_timeout: float = 20.0
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "a TCP port from 0 to 65535")
@@ -152,6 +155,12 @@ class Settings:
             f"bytes >= 2 x max_message_size + 1024 ({2 * self.max_message_size + 1024})",
         )
         _check(self.ping_interval >= 0, "ping_interval", self.ping_interval, "seconds >= 0")
+        _check(
+            self.pong_timeout >= 0,
+            "pong_timeout",
+            self.pong_timeout,
+            "seconds >= 0 (0 turns it off)",
+        )
         _check(self.stall_timeout >= 0, "stall_timeout", self.stall_timeout, "seconds >= 0")
         _check(self.log_level in LOG_LEVELS, "log_level", self.log_level, " or ".join(LOG_LEVELS))
         _check(
@@ -291,7 +300,8 @@ class Settings:
             f"max_message_size={self.max_message_size} "
             f"compression={'on' if self.compression else 'off'} queue_size={self.queue_size} "
             f"outbox_bytes={self.outbox_bytes} "
-            f"ping_interval={self.ping_interval:g}s stall_timeout={self.stall_timeout:g}s "
+            f"ping_interval={self.ping_interval:g}s pong_timeout={self.pong_timeout:g}s "
+            f"stall_timeout={self.stall_timeout:g}s "
             f"publish_rate={self.publish_rate:g}/s publish_burst={self.publish_burst} "
             f"publish_bytes_rate={self.publish_bytes_rate}/s "
             f"log_level={self.log_level} broker={self.broker_description} "
@@ -431,6 +441,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "api_publisher_name": str,
     "health_detail": on_off,
     "redis_stream_max_bytes": int,
+    "pong_timeout": _number,
 }
 
 

@@ -17,12 +17,15 @@ from tests.procutil import running
 from trio_ws.hosting.compose import build_app
 from trio_ws.settings import Settings
 from trio_ws.shell import hypercorn_limits
-from trio_ws.shell.hypercorn_limits import CappedDeflate, WebSocketLimits
+from trio_ws.shell.hypercorn_limits import CappedDeflate
 
 
 def test_build_app_installs_the_limits_once() -> None:
     app = build_app(Settings(port=0, max_message_size=2048, compression=True))
-    assert app.websocket_limits == WebSocketLimits(2048, compression=True)
+    limits = app.websocket_limits
+    assert (limits.max_message_size, limits.compression) == (2048, True)
+    assert limits.own_pings  # the hub's pinger, not Hypercorn's task per connection
+    assert limits.on_protocol_error == app.hub.note_protocol_error
     patched = WSStream._handle_events
     assert getattr(patched, "_trio_ws_limited", False)
     build_app(Settings(port=0))

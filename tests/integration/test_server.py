@@ -626,6 +626,53 @@ async def test_websocket_over_http2_stays_inside_http2_frames(server: RunningSer
     sock.close()
 
 
+async def test_a_websocket_over_http2_is_pinged_and_closed_with_4010_when_silent(
+    start_server: StartServer,
+) -> None:
+    """The ASGI sink has no ping of its own: it pings through Hypercorn's stream, inside HTTP/2
+    DATA frames, and a client that never answers is closed with 4010 there too."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    server = await start_server(ping_interval=0.5, pong_timeout=1)
+    host, port = host_port(server)
+    sock = trio.socket.socket()
+    await sock.connect((host, port))
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    conn.initiate_connection()
+    conn.send_headers(
+        1,
+        [
+            (b":method", b"CONNECT"),
+            (b":protocol", b"websocket"),
+            (b":scheme", b"http"),
+            (b":path", b"/ws/h2silent"),
+            (b":authority", f"{host}:{port}".encode()),
+            (b"sec-websocket-version", b"13"),
+        ],
+    )
+    await sock.send(conn.data_to_send())
+    data = b""
+    with trio.fail_after(8):
+        while b"\x88" not in data:  # until the close frame (the welcome is ASCII JSON)
+            chunk = await sock.recv(65536)
+            assert chunk, "connection closed"
+            for event in conn.receive_data(chunk):
+                if isinstance(event, h2.events.DataReceived):
+                    data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+            if out := conn.data_to_send():
+                await sock.send(out)
+    assert b"\x89\x00" in data  # the ping, inside DATA
+    close = data[data.index(b"\x88") :]
+    assert int.from_bytes(close[2:4], "big") == 4010
+    assert server.hub.no_pong_disconnects == 1
+    sock.close()
+
+
 async def test_a_client_resumes_with_since_and_misses_nothing(server: RunningServer) -> None:
     async with open_websocket_url(server.ws_url + "/stays") as stays:
         await next_frame(stays)

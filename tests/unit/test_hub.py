@@ -14,8 +14,8 @@ import trio.testing
 from trio_ws.brokers.local import LocalBroker
 from trio_ws.core.drain import DrainState
 from trio_ws.core.health import health_report
-from trio_ws.core.hub import Hub
-from trio_ws.core.protocol import ClientIdError, CloseCode, StaleAttemptError
+from trio_ws.core.hub import NO_PONG_REASON, Hub
+from trio_ws.core.protocol import PING, ClientIdError, CloseCode, StaleAttemptError
 from trio_ws.core.registry import Connection
 from trio_ws.hosting.signals import on_signal
 from trio_ws.settings import Settings
@@ -335,3 +335,132 @@ async def test_presence_tells_clients_the_count_at_most_once_a_second(
         await trio.sleep(5)
         assert frames(watcher) == []  # no change, no frame
         nursery.cancel_scope.cancel()
+
+
+async def test_the_pinger_pings_everyone_and_closes_the_silent_with_4010(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One task pings every watched connection each interval with the one pre-built frame;
+    a client heard from after each ping stays, a silent one is closed with 4010."""
+    caplog.set_level(logging.INFO)
+    hub = make_hub(ping_interval=2, pong_timeout=1, broadcast_interval=0)
+    talker, silent, unwatched = (
+        hub.connect("t", "p1"),
+        hub.connect("s", "p2"),
+        hub.connect("u", "p3"),
+    )
+    for conn in (talker, silent, unwatched):
+        conn.take_queued()
+    hub.watch(talker)
+    hub.watch(silent)
+    pings_seen: list[float] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+
+        async def answer() -> None:
+            while True:
+                await trio.sleep(0.25)
+                queued = talker.take_queued()
+                if queued:
+                    assert all(frame is PING for frame in queued)
+                    pings_seen.append(trio.current_time())
+                    talker.heard_at = trio.current_time()  # what the shell does on a pong
+
+        nursery.start_soon(answer)
+        await trio.sleep(1.5)
+        assert (silent.close_code, silent.close_reason) == (CloseCode.NO_PONG, NO_PONG_REASON)
+        assert silent.take_queued() == [PING]  # pinged once, silent for its pong timeout
+        await trio.sleep(10)
+        assert not talker.closing
+        assert len(pings_seen) >= 5  # every 2 s
+        assert unwatched.take_queued() == []
+        assert not unwatched.closing
+        assert health_report(hub)["no_pong_disconnects"] == 1
+        hub.disconnect(silent)
+        hub.disconnect(talker)
+        assert len(hub.liveness) == 0
+        nursery.cancel_scope.cancel()
+    assert "closed 1 silent connection with 4010: nothing received within 1s of a ping" in (
+        caplog.text
+    )
+
+
+async def test_pings_are_spread_over_the_interval_and_written_in_batches(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """1,000 connections, pings every 20 s: at most 50 (one slot's share) in one tick, and
+    every one of them pinged within the interval."""
+    hub = make_hub(ping_interval=20, pong_timeout=0, broadcast_interval=0)
+    conns = [hub.connect(f"c{i}", "p") for i in range(1000)]
+    for conn in conns:
+        conn.take_queued()
+        hub.watch(conn)
+    pinged_per_tick: list[int] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        await trio.sleep(0.5)  # between ticks (one a second)
+        assert sum(1 for c in conns if c.take_queued() == [PING]) == 50  # the first slot
+        for _ in range(20):
+            await trio.sleep(1)
+            pinged_per_tick.append(sum(1 for c in conns if c.take_queued() == [PING]))
+        nursery.cancel_scope.cancel()
+    assert sum(pinged_per_tick) == 1000
+    assert max(pinged_per_tick) == 50
+    assert not any(c.closing for c in conns)  # pong timeout 0: never closed
+
+
+async def test_no_pinger_with_pings_off(autojump_clock: trio.testing.MockClock) -> None:
+    hub = make_hub(ping_interval=0, broadcast_interval=0)
+    conn = hub.connect("a", "p")
+    conn.take_queued()
+    hub.watch(conn)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        await trio.sleep(100)
+        assert conn.take_queued() == []
+        assert not conn.closing
+        nursery.cancel_scope.cancel()
+
+
+def test_protocol_errors_are_counted_and_logged_at_debug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    hub = make_hub()
+    hub.note_protocol_error(1002, "Reserved bits set\x1b[31m", "1.2.3.4:5")
+    assert health_report(hub)["protocol_errors"] == 1
+    record = caplog.records[-1]
+    assert record.levelno == logging.DEBUG
+    assert "\x1b" not in record.getMessage()
+    assert "protocol error from 1.2.3.4:5, closed with 1002" in record.getMessage()
+
+
+async def test_the_pinger_lets_other_tasks_run_between_batches(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tick's pings go out in batches of PING_BATCH with a checkpoint after each: another
+    task runs in the middle of a tick rather than after all of it."""
+    import trio_ws.core.hub as hub_module
+
+    monkeypatch.setattr(hub_module, "PING_BATCH", 10)
+    hub = make_hub(ping_interval=20, pong_timeout=0, broadcast_interval=0)
+    conns = [hub.connect(f"c{i}", "p") for i in range(1000)]  # 50 a tick
+    for conn in conns:
+        conn.take_queued()
+        hub.watch(conn)
+    seen_mid_tick: list[int] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+
+        async def observe() -> None:
+            for _ in range(100):  # bounded: the first tick is over long before
+                pinged = sum(1 for c in conns if len(c.outbox))
+                if 0 < pinged < 50:
+                    seen_mid_tick.append(pinged)
+                await trio.lowlevel.checkpoint()
+
+        nursery.start_soon(observe)
+        await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    assert seen_mid_tick  # the observer ran while the first tick was under way
+    assert all(count % 10 == 0 for count in seen_mid_tick)

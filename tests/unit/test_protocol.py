@@ -120,4 +120,21 @@ def test_wire_frames_follow_rfc_6455(size: int) -> None:
 
 
 def test_close_codes_are_documented_values() -> None:
-    assert [int(code) for code in CloseCode] == [1001, 1003, 1008, 1009, 1013, 4008, 4500, 4503]
+    assert [int(code) for code in CloseCode] == [
+        1001,
+        1003,
+        1008,
+        1009,
+        1013,
+        4008,
+        4010,
+        4500,
+        4503,
+    ]
+
+
+def test_the_ping_frame_is_a_final_empty_unmasked_ping() -> None:
+    import wsproto.frame_protocol as fp
+
+    assert protocol.PING.wire == bytes((0x80 | fp.Opcode.PING, 0))
+    assert protocol.PING.text == ""  # never sent as a text message by an ASGI sink

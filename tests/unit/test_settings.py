@@ -250,3 +250,13 @@ def test_without_redis_large_messages_need_no_stream_budget() -> None:
         {"TRIO_WS_MAX_MESSAGE_SIZE": str(16 << 20), "TRIO_WS_OUTBOX_BYTES": str(64 << 20)}
     )
     assert settings.max_message_size == 16 << 20
+
+
+def test_pong_timeout() -> None:
+    assert Settings.from_env({}).pong_timeout == 20.0
+    assert Settings.from_env({"TRIO_WS_PONG_TIMEOUT": "0"}).pong_timeout == 0.0
+    settings = Settings.from_env({"TRIO_WS_PONG_TIMEOUT": "7.5"})
+    assert settings.pong_timeout == 7.5
+    assert "pong_timeout=7.5s" in settings.describe()
+    with pytest.raises(SettingsError, match="TRIO_WS_PONG_TIMEOUT must be seconds >= 0"):
+        Settings.from_env({"TRIO_WS_PONG_TIMEOUT": "-1"})

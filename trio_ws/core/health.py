@@ -70,6 +70,8 @@ def health_report(hub: Hub) -> dict[str, Any]:
         "uptime_s": round(hub.uptime_s, 3),
         "connections_total": stats.total_connected,
         "slow_disconnects": stats.slow_disconnects,
+        "no_pong_disconnects": hub.no_pong_disconnects,
+        "protocol_errors": hub.protocol_errors,
         "replaced_connections": stats.replaced,
         "messages_broadcast": hub.messages_broadcast,
         "publishes_refused": hub.publishes_refused,

@@ -2,9 +2,11 @@
 
 It owns the registry and hands broadcasts to a broker (``trio_ws.brokers``: in-process by
 default, Redis for a cluster), which numbers them and delivers every broadcast of the cluster back
-through :meth:`Hub.deliver`. :meth:`Hub.run` runs three sibling tasks in whatever nursery the
+through :meth:`Hub.deliver`. :meth:`Hub.run` runs its sibling tasks in whatever nursery the
 host gives it: the broker, the periodic broadcaster (in its own cancel scope, cancelled when the
-drain starts) and the drain watcher (:class:`trio_ws.core.drain.Drain`, whose ``drain()`` runs
+drain starts), the pinger (one task for every connection: :mod:`trio_ws.core.liveness` says
+whom to ping and whom to close, with 4010, for not answering) and the drain watcher
+(:class:`trio_ws.core.drain.Drain`, whose ``drain()`` runs
 under its ``move_on_after`` deadline). The broker keeps delivering the cluster's broadcasts to
 the clients still here until the drain is over; then :meth:`Hub.wait_stopped` returns, which is
 what the host turns into "shut down now".
@@ -25,7 +27,8 @@ from trio_ws.core.broker import Broadcast, Broker, BrokerState, Outgoing
 from trio_ws.core.drain import Drain, DrainPolicy
 from trio_ws.core.forwarded import TrustedProxies
 from trio_ws.core.limits import Admission, LimitPolicy
-from trio_ws.core.protocol import CloseCode, Frame
+from trio_ws.core.liveness import LivenessPolicy, LivenessSchedule
+from trio_ws.core.protocol import PING, CloseCode, Frame
 from trio_ws.core.registry import Connection, Registry
 from trio_ws.core.throttle import Throttle
 from trio_ws.core.words import loggable, plural
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 REFUSED_REASON = "server is shutting down; reconnect to another instance"
+NO_PONG_REASON = "no answer to a ping in time; reconnect"
 
 #: Most bytes one socket write may carry when a client's writer catches up on a backlog. The
 #: write is shielded (no half frames on the wire), so this also bounds what a client that reads
@@ -46,6 +50,9 @@ BATCH_LIMIT_BYTES = 64 * 1024
 
 #: At most one log line per this many seconds for client messages the publish policy refuses.
 REFUSED_LOG_EVERY_S = 10.0
+#: The pinger lets other tasks run after this many pings: a tick's pings never hold the event
+#: loop for longer than one batch (about a millisecond), whatever the number of connections.
+PING_BATCH = 256
 
 
 class Hub:
@@ -81,10 +88,17 @@ class Hub:
         #: Whose X-Forwarded-For / Forwarded names the client.
         self.trusted_proxies = TrustedProxies(settings.trusted_proxies)
         self._wall_clock = wall_clock
+        #: Whom the pinger pings, and whom it closes for not answering.
+        self.liveness: LivenessSchedule[Connection] = LivenessSchedule(
+            LivenessPolicy(ping_interval=settings.ping_interval, pong_timeout=settings.pong_timeout)
+        )
         self.messages_broadcast = 0
         #: Client messages refused by ``TRIO_WS_CLIENT_PUBLISH``, and their log lines' pace.
         self.publishes_refused = 0
         self._refused_log = Throttle(REFUSED_LOG_EVERY_S)
+        #: Clients closed with 4010 (silent after a ping), and frames refused as malformed.
+        self.no_pong_disconnects = 0
+        self.protocol_errors = 0
         self._attempts = 0
         self._finished = trio.Event()
         #: Set when the connection count changed; the presence task announces it, coalesced.
@@ -249,8 +263,23 @@ class Hub:
             "" if history.complete else ", some were no longer available",
         )
 
+    def watch(self, connection: Connection) -> None:
+        """Ping ``connection`` from now on, and close it with 4010 if it stops answering.
+
+        The shell calls this once it stamps ``connection.heard_at`` as bytes arrive and its
+        sink can write a ping; a connection never watched is never pinged nor closed for it.
+        """
+        self.liveness.watch(connection, trio.current_time())
+
+    def note_protocol_error(self, code: int, kind: str, peer: str) -> None:
+        """A client's frame broke the WebSocket protocol and the shell closed it with
+        ``code``: counted, and logged at DEBUG level (``kind`` says what, never the bytes)."""
+        self.protocol_errors += 1
+        LOGGER.debug("protocol error from %s, closed with %d: %s", peer, code, loggable(kind))
+
     def disconnect(self, connection: Connection) -> None:
         """Forget ``connection`` (idempotent); called however the connection ended."""
+        self.liveness.forget(connection)
         if not self.registry.remove(connection):
             return
         self._presence_changed.set()
@@ -382,6 +411,7 @@ class Hub:
             nursery.start_soon(self._broadcast_periodically, periodic)
             nursery.start_soon(self._watch_drain, periodic)
             nursery.start_soon(self._announce_presence)
+            nursery.start_soon(self._ping_periodically)
             task_status.started()
             await self.drain.wait_stopped()
             await self.broker.leave()
@@ -402,6 +432,44 @@ class Hub:
                 if await self.broker.claim_periodic(slot, interval):
                     await self.broadcast_periodic()
                 next_at += interval
+
+    async def _ping_periodically(self) -> None:
+        """One task pings every connection: each tick, the pre-built :data:`PING` frame goes
+        to the connections whose slot comes round, through their outboxes (with nothing
+        queued, one non-blocking ``send()`` each), and the silent ones are closed with 4010.
+        It runs through the drain too: clients still connected need their pings."""
+        schedule = self.liveness
+        if not schedule.policy.pings:
+            return
+        timeout = schedule.policy.pong_timeout
+        while True:
+            due = schedule.tick(trio.current_time())
+            if due.overdue:
+                self._close_silent(due.overdue, timeout)
+            for done, connection in enumerate(due.ping, 1):
+                # A connection that left since the tick (during a batch's checkpoint) is
+                # no longer watched: nothing to write to.
+                if connection.ping_slot >= 0 and not connection.closing:
+                    connection.offer(PING)  # a full outbox: the next broadcast evicts it
+                if done % PING_BATCH == 0:
+                    await trio.lowlevel.checkpoint()
+            assert schedule.next_tick is not None
+            await trio.sleep_until(schedule.next_tick)
+
+    def _close_silent(self, overdue: list[Connection], timeout: float) -> None:
+        closed = [c for c in overdue if c.request_close(CloseCode.NO_PONG, NO_PONG_REASON)]
+        if not closed:
+            return
+        self.no_pong_disconnects += len(closed)
+        # One line per tick, not per client: a network cut can silence thousands at once.
+        first = closed[0]
+        LOGGER.info(
+            "closed %s with 4010: nothing received within %gs of a ping (first: client %s from %s)",
+            plural(len(closed), "silent connection"),
+            timeout,
+            first.client_id,
+            first.peer,
+        )
 
     async def _announce_presence(self) -> None:
         """Tell this process's clients the connection count when it changes, at most once per

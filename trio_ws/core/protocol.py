@@ -39,6 +39,9 @@ class CloseCode(enum.IntEnum):
     TRY_AGAIN_LATER = 1013
     #: The client did not read fast enough and its queue overflowed: reconnect with backoff.
     SLOW_CONSUMER = 4008
+    #: The client sent nothing (no pong, no frame) within the pong timeout after a ping: the
+    #: connection is probably dead. Reconnect with backoff.
+    NO_PONG = 4010
     #: A newer connection with the same client id took over: do not reconnect.
     REPLACED = 4500
     #: An operator closed this client through the API (``DELETE /clients/<id>``): do not
@@ -119,6 +122,12 @@ class Frame:
         if self._wire is None:
             self._wire = ws_text_frame(self.text.encode())
         return self._wire
+
+
+#: The server's WebSocket ping (RFC 6455 section 5.5.2): a final ping frame with no payload,
+#: unmasked. Built once; every connection gets this same object (sinks recognise it by identity:
+#: a sink that cannot write raw bytes sends a ping its own way).
+PING = Frame("", wire=b"\x89\x00")
 
 
 def utf8_size(text: str) -> int:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from trio_ws.core.liveness import NOT_WATCHED
 from trio_ws.core.outbox import Outbox
 from trio_ws.core.protocol import CloseCode, Frame, parse_message_id
 from trio_ws.core.words import plural
@@ -39,6 +40,7 @@ class Connection:
     was asked to close."""
 
     __slots__ = (
+        "__weakref__",  # the pinger's groups (core/liveness.py) do not keep a gone client alive
         "_close_scope",
         "attempt",
         "authenticated",
@@ -48,8 +50,10 @@ class Connection:
         "closing",
         "connected_at",
         "final_frame",
+        "heard_at",
         "outbox",
         "peer",
+        "ping_slot",
         "resume_floor",
     )
 
@@ -86,6 +90,10 @@ class Connection:
         #: Set while a resumed client may still be offered broadcasts it was replayed (or had
         #: before): frames with an id at or below it are dropped, until a newer one passes.
         self.resume_floor: tuple[int, int] | None = None
+        #: When bytes last arrived from the client (trio's clock), stamped by the shell as it
+        #: reads; and the slot the pinger pings it in (core/liveness.py).
+        self.heard_at = 0.0
+        self.ping_slot = NOT_WATCHED
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id} from {self.peer}>"

@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes queued per client before 4008 (1 MiB)",
     )
     add("--ping-interval", type=float, metavar="S", help="WebSocket ping interval, 0=off (20)")
+    add(
+        "--pong-timeout",
+        type=float,
+        metavar="S",
+        help="close a client silent this long after a ping with 4010, 0=off (20)",
+    )
     add("--stall-timeout", type=float, metavar="S", help="TCP_USER_TIMEOUT, 0=kernel's (30)")
     add("--log-level", type=str.upper, choices=LOG_LEVELS, help="log level (INFO)")
     add("--certfile", help="TLS certificate (PEM); serve wss:// and https://")

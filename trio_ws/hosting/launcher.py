@@ -56,13 +56,10 @@ def hypercorn_config(settings: Settings) -> Config:
     config = Config()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
-    # By the time the trigger returns the drain has closed every WebSocket. What Hypercorn would
-    # still wait for is its own ping task of each closed connection, which only notices the close
-    # after its next ping interval (hypercorn/protocol/ws_stream.py ``_send_pings``): waiting for
-    # it would delay the exit by up to ``ping_interval`` for nothing.
+    # By the time the trigger returns the drain has closed every WebSocket: what Hypercorn
+    # would still wait for (an HTTP request in flight) gets little time.
     configure_hypercorn(config, settings, graceful_timeout_s=SHUTDOWN_GRACE_S)
     config.backlog = LISTEN_BACKLOG
-    config.websocket_ping_interval = settings.ping_interval or None
     config.certfile = settings.certfile
     config.keyfile = settings.keyfile
     config.accesslog = None

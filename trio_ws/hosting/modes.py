@@ -54,6 +54,10 @@ def configure_hypercorn(config: Config, settings: Settings, *, graceful_timeout_
     # bytes, while a message arrives. Under --workers 0 this config is out of reach; the
     # limit, which comes from the app, holds there too.
     config.websocket_max_message_size = settings.max_message_size
+    # No ping task per connection: the hub's one pinger pings every connection
+    # (TRIO_WS_PING_INTERVAL) and closes the silent ones. Under --workers 0, where this config
+    # is out of reach, shell/hypercorn_limits.py turns Hypercorn's pings off as a client joins.
+    config.websocket_ping_interval = None
     # No HTTP/2 over TLS (ALPN offers only HTTP/1.1): browsers then open their WebSockets over
     # HTTP/1.1, where the direct writer works, and never reach Hypercorn's HTTP/2 code. Cleartext
     # HTTP/2 cannot be turned off in Hypercorn; docs/design/hypercorn.md, "HTTP/2".

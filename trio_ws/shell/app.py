@@ -71,7 +71,10 @@ def create_app(hub: Hub, *, lifespan: Lifespan | None = None) -> TrioWsApp:
     app.hub = hub
     app.direct = DirectPath()
     app.websocket_limits = WebSocketLimits(
-        hub.settings.max_message_size, compression=hub.settings.compression
+        hub.settings.max_message_size,
+        compression=hub.settings.compression,
+        own_pings=True,
+        on_protocol_error=hub.note_protocol_error,
     )
 
     # Request bodies (only ``POST /publish`` takes one) are bounded before they are read whole.

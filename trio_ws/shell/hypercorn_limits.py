@@ -18,9 +18,15 @@ that counts each message in bytes of UTF-8 *before* buffering a piece, and at th
 over the limit sends 1009, drops what it buffered and closes the connection at once, as the
 application does with its own 1009; the application hears ``websocket.disconnect``. It also
 sends the close code when wsproto itself gives up on the stream (a protocol error, an
-inflation over the cap), where Hypercorn closed without one. And it wraps ``WSStream._accept``
-so that the handshake negotiates no extension, or (compression on) a permessage-deflate whose
-inflation stops at the limit + 1 byte (:class:`CappedDeflate`).
+inflation over the cap), where Hypercorn closed without one, and tells the app (a count for
+``/health``, a DEBUG line). And it wraps ``WSStream._accept`` so that the handshake negotiates
+no extension, or (compression on) a permessage-deflate whose inflation stops at the limit + 1
+byte (:class:`CappedDeflate`), and so that Hypercorn starts no ping task for an app that pings
+by itself.
+
+Liveness: the same loop runs after each piece of data Hypercorn feeds wsproto, so it stamps
+``heard_at`` on the connection that :func:`watch_reads` tied to the stream: the hub's pinger
+closes a connection that stays silent after a ping (``trio_ws.core.liveness``).
 
 The limit and the compression policy are the application's (:class:`WebSocketLimits`, read from
 ``TrioWsApp.websocket_limits``), so they hold in every run mode, including
@@ -34,10 +40,11 @@ here, :func:`install` raises :class:`HypercornLimitsError` and the server does n
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+import trio
 from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.ws_stream import Handshake, WebsocketBuffer, WSStream
 from wsproto.connection import Connection, ConnectionState, ConnectionType
@@ -47,7 +54,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.handshake import server_extensions_handshake
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from wsproto.frame_protocol import FrameDecoder, FrameProtocol
 
@@ -63,7 +70,9 @@ _EXPECTED: dict[tuple[type, str], tuple[str, ...]] = {
         "connection", "events", "buffer", "extend", "FrameTooLargeError", "app_put",
         "to_message", "clear", "_send_wsproto_event", "StreamClosed", "stream_id",
     ),
-    (WSStream, "_accept"): ("handshake", "accept", "connection", "send"),
+    (WSStream, "_accept"): (
+        "handshake", "accept", "connection", "send", "websocket_ping_interval", "_send_pings",
+    ),
     (WSStream, "handle"): ("StreamClosed", "closed", "app_put", "receive_data", "_handle_events"),
     (Handshake, "accept"): ("extensions", "server_extensions_handshake", "PerMessageDeflate"),
     (WebsocketBuffer, "__init__"): ("value", "length", "max_length"),
@@ -79,12 +88,17 @@ class HypercornLimitsError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class WebSocketLimits:
-    """What an app allows in one incoming WebSocket message."""
+    """What an app allows in one incoming WebSocket message, and what it does itself."""
 
     #: Largest message, in bytes (of UTF-8, for text); larger: 1009.
     max_message_size: int
     #: Whether to negotiate permessage-deflate when a client offers it.
     compression: bool
+    #: The app pings its connections itself (trio_ws's one pinger): Hypercorn's ping task per
+    #: connection is turned off, whatever ``websocket_ping_interval`` says.
+    own_pings: bool = False
+    #: Told of each frame wsproto refused as malformed: (close code, what, peer).
+    on_protocol_error: Callable[[int, str, str], None] | None = None
 
 
 def install() -> None:
@@ -105,6 +119,11 @@ def install() -> None:
         limits = _limits(self)
         self._trio_ws_limits = limits  # type: ignore[attr-defined]
         _negotiate(self.handshake, limits)
+        if limits.own_pings and self.config.websocket_ping_interval is not None:
+            # The app pings (one task for all): no ping task per connection. Set on the
+            # worker's shared config, the only switch Hypercorn reads (in every run mode,
+            # --workers 0 included, where trio_ws has no other way to its config).
+            self.config.websocket_ping_interval = None
         await original_accept(self, message)
 
     setattr(_handle_events, _MARK, True)
@@ -138,7 +157,7 @@ def _limits(stream: WSStream) -> WebSocketLimits:
     own = getattr(getattr(stream.app, "app", None), "websocket_limits", None)
     configured = int(stream.config.websocket_max_message_size)
     if isinstance(own, WebSocketLimits):
-        return WebSocketLimits(min(own.max_message_size, configured), own.compression)
+        return replace(own, max_message_size=min(own.max_message_size, configured))
     return WebSocketLimits(configured, compression=True)
 
 
@@ -212,8 +231,31 @@ def _utf8_size(data: str | bytes) -> int:
     return len(data)
 
 
+class Heard(Protocol):
+    """What :func:`watch_reads` stamps (``trio_ws.core.registry.Connection``)."""
+
+    heard_at: float
+
+
+def watch_reads(send: Any, connection: Heard) -> bool:
+    """Stamp ``connection.heard_at`` (trio's clock) whenever bytes arrive on the WebSocket
+    behind this ASGI ``send``; False if there is no Hypercorn stream behind it."""
+    stream = getattr(send, "__self__", None)  # WSStream.app_send
+    if not isinstance(stream, WSStream):
+        return False
+    stream._trio_ws_heard = connection  # type: ignore[attr-defined]
+    return True
+
+
 async def _handle_events(self: WSStream) -> None:
-    """Hypercorn's loop over wsproto's events, with the limit applied before buffering."""
+    """Hypercorn's loop over wsproto's events, with the limit applied before buffering.
+
+    Hypercorn calls it after each piece of data it feeds wsproto: the moment to note that the
+    client is alive (one clock read per read, whatever it holds: a pong, a frame, a part).
+    """
+    heard = getattr(self, "_trio_ws_heard", None)
+    if heard is not None:
+        heard.heard_at = trio.current_time()
     limits: WebSocketLimits = getattr(self, "_trio_ws_limits", None) or _limits(self)
     for event in self.connection.events():
         if isinstance(event, Message):
@@ -236,10 +278,25 @@ async def _handle_events(self: WSStream) -> None:
                 await self._send_wsproto_event(event.response())
             elif state is ConnectionState.OPEN:
                 # wsproto gave up on the stream (ParseFailed): say why before closing.
+                if event.code != CloseReason.MESSAGE_TOO_BIG and limits.on_protocol_error:
+                    limits.on_protocol_error(int(event.code), _kind(event), _peer(self))
                 await _refuse(self, event.code, limits)
                 return
             await self.send(StreamClosed(stream_id=self.stream_id))
             return
+
+
+def _kind(event: CloseConnection) -> str:
+    """What was wrong, in wsproto's fixed words; for bad UTF-8 (whose message quotes a byte of
+    the client's), only that."""
+    if event.code == CloseReason.INVALID_FRAME_PAYLOAD_DATA:
+        return "invalid UTF-8"
+    return event.reason or "malformed frame"
+
+
+def _peer(stream: WSStream) -> str:
+    client = stream.client
+    return f"{client[0]}:{client[1]}" if client else "<unknown>"
 
 
 async def _refuse(self: WSStream, code: int, limits: WebSocketLimits) -> None:

@@ -19,8 +19,11 @@ never land inside one of ours.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import socket
+import struct
 from typing import TYPE_CHECKING, Any
 
 import hypercorn
@@ -29,8 +32,10 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from hypercorn.trio.tcp_server import TCPServer
 from wsproto.connection import ConnectionState
+from wsproto.events import Ping
 
 from trio_ws.core.outbox import Written
+from trio_ws.core.protocol import PING
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -60,6 +65,7 @@ def check_direct_path() -> str | None:
     needs = {
         WSStream.__init__: ("send", "closed", "state"),
         WSStream._accept: ("connection",),
+        WSStream._send_wsproto_event: ("connection", "send"),
         TCPServer.__init__: ("stream", "send_lock"),
     }
     for init, names in needs.items():
@@ -102,13 +108,26 @@ class DirectPath:
 
 
 class AsgiSink:
-    """Frames through the ASGI ``send`` callable, one at a time."""
+    """Frames through the ASGI ``send`` callable, one at a time.
 
-    __slots__ = ("_send",)
+    ASGI has no ping: :data:`~trio_ws.core.protocol.PING` goes through Hypercorn's WebSocket
+    stream behind ``send`` (over HTTP/2, inside its DATA frames), as Hypercorn's own pings did.
+    Behind another host there is none, :attr:`can_ping` is False, and the connection is not
+    pinged (nor closed for not answering).
+    """
+
+    __slots__ = ("_send", "_ws_stream")
     kind = "asgi"
 
     def __init__(self, send: AsgiSend) -> None:
         self._send = send
+        ws_stream = getattr(send, "__self__", None)  # WSStream.app_send, under Hypercorn
+        pingable = isinstance(ws_stream, WSStream) and hasattr(ws_stream, "_send_wsproto_event")
+        self._ws_stream = ws_stream if pingable else None
+
+    @property
+    def can_ping(self) -> bool:
+        return self._ws_stream is not None
 
     def try_write(self, frame: Frame) -> Written:
         return Written.NOTHING
@@ -119,12 +138,30 @@ class AsgiSink:
 
     async def write(self, frames: Sequence[Frame]) -> bool:
         for frame in frames:
-            if frame.text:  # WAKE (empty) is only ever queued for a direct sink
+            if frame is PING:
+                await self._ping()
+            elif frame.text:  # WAKE (empty) is only ever queued for a direct sink
                 await self._send({"type": "websocket.send", "text": frame.text})
         return True
 
+    async def _ping(self) -> None:
+        ws_stream = self._ws_stream
+        if (
+            ws_stream is not None
+            and not ws_stream.closed
+            and ws_stream.state is ASGIWebsocketState.CONNECTED
+        ):
+            await ws_stream._send_wsproto_event(Ping())
+
     async def close(self, code: int, reason: str) -> None:
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+    def limit_writes(self, deadline: float) -> None:
+        """The connection is closing: give up on writes still unfinished at ``deadline``
+        (trio's clock), and abort the connection. (ASGI: nothing to bound.)"""
+
+    def abort(self) -> None:
+        """End the TCP connection now, without a close handshake (ASGI: cannot)."""
 
 
 class DirectSink(AsgiSink):
@@ -136,18 +173,26 @@ class DirectSink(AsgiSink):
     follows a close frame. Closes through ASGI, so Hypercorn's state machine sees the close.
     """
 
-    __slots__ = ("_lock", "_pending", "_raw", "_stream", "_ws_stream")
+    __slots__ = ("_deadline", "_lock", "_pending", "_raw", "_shield", "_socket", "_stream")
     kind = "direct"
 
     def __init__(self, send: AsgiSend, ws_stream: Any, stream: Any, lock: trio.Lock) -> None:
         super().__init__(send)
-        self._ws_stream = ws_stream
+        self._ws_stream: Any = ws_stream
         self._stream = stream
         self._lock = lock
         self._pending: memoryview | None = None
         # Plain TCP: the stdlib socket under trio's, for a synchronous non-blocking send().
         trio_socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._raw = getattr(trio_socket, "_sock", None)
+        #: The TCP socket, under TLS too, for :meth:`abort`.
+        self._socket = trio_socket or getattr(
+            getattr(stream, "transport_stream", None), "socket", None
+        )
+        #: Once closing: when an unfinished write is given up (trio's clock), and the shielded
+        #: scope of the write in progress, if any.
+        self._deadline = math.inf
+        self._shield: trio.CancelScope | None = None
 
     @classmethod
     def find(cls, send: AsgiSend) -> DirectSink | None:
@@ -235,8 +280,7 @@ class DirectSink(AsgiSink):
                 except BlockingIOError:
                     sent = 0
             if sent < len(data):
-                with trio.CancelScope(shield=True):
-                    await self._stream.send_all(memoryview(data)[sent:])
+                return await self._send_shielded(memoryview(data)[sent:])
         except _TRANSPORT_ERRORS:
             return False  # Hypercorn's reader sees the broken socket and ends the connection
         finally:
@@ -253,11 +297,40 @@ class DirectSink(AsgiSink):
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        try:
-            with trio.CancelScope(shield=True):
-                await self._stream.send_all(pending)
-        except _TRANSPORT_ERRORS:
-            pass  # the connection is broken; Hypercorn's reader ends it
+        # A broken connection: Hypercorn's reader ends it.
+        with contextlib.suppress(*_TRANSPORT_ERRORS):
+            await self._send_shielded(pending)
+
+    async def _send_shielded(self, data: memoryview) -> bool:
+        """``send_all`` that no cancellation interrupts, so no half frame is left on the wire;
+        bounded by :meth:`limit_writes` once the connection is closing: a client that takes
+        nothing until then is aborted (False)."""
+        with trio.CancelScope(shield=True, deadline=self._deadline) as scope:
+            self._shield = scope
+            try:
+                await self._stream.send_all(data)
+            finally:
+                self._shield = None
+        if scope.cancelled_caught:
+            self.abort()
+            return False
+        return True
+
+    def limit_writes(self, deadline: float) -> None:
+        self._deadline = deadline
+        if self._shield is not None:
+            self._shield.deadline = deadline
+
+    def abort(self) -> None:
+        """Reset the TCP connection (SO_LINGER 0): a write blocked on it, ours or Hypercorn's,
+        fails at once, Hypercorn ends the connection, and the kernel frees its buffers rather
+        than keep trying to deliver them."""
+        sock = self._socket
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 class _FlushFirstLock:

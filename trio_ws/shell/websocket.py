@@ -30,6 +30,7 @@ from trio_ws.core.protocol import (
 )
 from trio_ws.core.publish_limits import RATE_LIMITED_REASON, PublishLimit, PublishPolicy
 from trio_ws.core.words import loggable
+from trio_ws.shell import hypercorn_limits
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -95,7 +96,7 @@ class WebSocketEndpoint:
             await _close(sink, CloseCode.TRY_AGAIN_LATER, refused.close_reason, peer)
             return
         try:
-            await self._serve(scope, receive, sink, client_id, attempt, peer)
+            await self._serve(scope, receive, send, sink, client_id, attempt, peer)
         finally:
             hub.admission.release(key)
 
@@ -103,6 +104,7 @@ class WebSocketEndpoint:
         self,
         scope: dict[str, Any],
         receive: Receive,
+        send: Send,
         sink: AsgiSink,
         client_id: str | None,
         attempt: int,
@@ -127,13 +129,21 @@ class WebSocketEndpoint:
         except StaleAttemptError as error:
             await _close(sink, CloseCode.REPLACED, str(error), peer)
             return
+        if sink.can_ping and hypercorn_limits.watch_reads(send, connection):
+            hub.watch(connection)  # pinged from now on, and closed with 4010 if silent
         try:
             if since is not None:
                 await hub.resume(connection, since)
             async with trio.open_nursery() as nursery:
                 connection.bind_close(nursery.cancel_scope)
                 nursery.start_soon(connection.outbox.run_writer, sink)
-                await self._read(receive, connection)
+                try:
+                    await self._read(receive, connection)
+                finally:
+                    if connection.closing:
+                        # A write in progress cannot be cancelled (no half frames): bound it,
+                        # so a client that reads nothing cannot hold the close beyond this.
+                        sink.limit_writes(trio.current_time() + CLOSE_TIMEOUT_S)
                 nursery.cancel_scope.cancel()  # the client left: stop the writer
             if connection.close_code is not None:
                 await _close(
@@ -247,15 +257,30 @@ async def _close(
     sink: AsgiSink, code: int, reason: str, who: str, *, final: Frame | None = None
 ) -> None:
     """Send ``final`` (if any), then a close frame; an error here concerns this client only,
-    so log it and move on."""
-    with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True) as scope:
-        try:
-            if final is not None:
-                await sink.write([final])
-            await sink.close(code, reason)
-        except Exception as error:
-            LOGGER.warning("error closing client %s with %d: %r", loggable(who), code, error)
-    if scope.cancelled_caught:
-        LOGGER.warning(
-            "client %s did not take its close frame within %gs", loggable(who), CLOSE_TIMEOUT_S
-        )
+    so log it and move on.
+
+    Within :data:`CLOSE_TIMEOUT_S`: a client that takes nothing (its socket full) is aborted
+    then. The write of a frame cannot be cancelled (Hypercorn's is shielded too), so a timer
+    beside it resets the connection, which makes the write fail at once.
+    """
+    with trio.CancelScope(shield=True):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_abort_when_stuck, sink, code, who)
+            try:
+                if final is not None:
+                    await sink.write([final])
+                await sink.close(code, reason)
+            except Exception as error:
+                LOGGER.warning("error closing client %s with %d: %r", loggable(who), code, error)
+            nursery.cancel_scope.cancel()
+
+
+async def _abort_when_stuck(sink: AsgiSink, code: int, who: str) -> None:
+    await trio.sleep(CLOSE_TIMEOUT_S)
+    LOGGER.warning(
+        "client %s did not take its close frame (%d) within %gs: connection reset",
+        loggable(who),
+        code,
+        CLOSE_TIMEOUT_S,
+    )
+    sink.abort()
