@@ -120,4 +120,15 @@ def test_wire_frames_follow_rfc_6455(size: int) -> None:
 
 
 def test_close_codes_are_documented_values() -> None:
-    assert [int(code) for code in CloseCode] == [1001, 1003, 1008, 1009, 1013, 4008, 4500]
+    assert [int(code) for code in CloseCode] == [
+        1001,
+        1003,
+        1008,
+        1009,
+        1013,
+        4008,
+        4009,
+        4500,
+        4501,
+        4502,
+    ]
