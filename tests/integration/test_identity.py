@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import time
 
 import jwt
@@ -15,6 +16,7 @@ import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from tests.conftest import StartServer
+from tests.procutil import console_script
 from tests.wsutil import close_code, next_frame, wait_until
 from trio_ws.hosting.launcher import RunningServer
 
@@ -257,3 +259,26 @@ async def test_a_token_expiring_on_a_live_connection_closes_it_with_4502(
         with trio.fail_after(10):
             code, reason = await close_code(ws)
     assert (code, reason) == (4502, "token expired; connect with a new token")
+
+
+async def test_the_token_command_mints_a_token_the_server_accepts(
+    start_server: StartServer,
+) -> None:
+    env = {**os.environ, "TRIO_WS_JWT_SECRET": SECRET, "TRIO_WS_JWT_AUDIENCE": "trio-ws-tests"}
+    minted = await trio.run_process(
+        [console_script("trio-ws"), "token", "--sub", "erin", "--ttl", "1h"],
+        env=env,
+        capture_stdout=True,
+    )
+    token_text = minted.stdout.decode().strip()
+    server = await start_server(jwt_secret=SECRET, jwt_audience="trio-ws-tests")
+    async with open_websocket_url(f"{server.ws_url}/erin?token={token_text}") as ws:
+        assert (await next_frame(ws))["client_id"] == "erin"
+    off = await trio.run_process(
+        [console_script("trio-ws"), "token", "--sub", "erin"],
+        env={k: v for k, v in os.environ.items() if not k.startswith("TRIO_WS_")},
+        capture_stderr=True,
+        check=False,
+    )
+    assert off.returncode == 2
+    assert b"tokens are off" in off.stderr
