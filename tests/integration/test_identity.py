@@ -155,6 +155,9 @@ async def test_an_id_is_free_again_once_its_connection_is_gone(server: RunningSe
         welcome = await next_frame(second)
         assert welcome["client_id"] == "alice"
         assert welcome["resume_key"] != old_key
+    await wait_until(lambda: len(server.hub.registry) == 0)
+    async with open_websocket_url(f"{server.ws_url}/alice?key={old_key}") as third:
+        assert (await next_frame(third))["resume_key"] == old_key  # the tab keeps its key
 
 
 # -- signed tokens -------------------------------------------------------------------------------

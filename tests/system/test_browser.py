@@ -399,12 +399,12 @@ def test_a_page_whose_token_expires_stops_and_says_so(open_page: OpenPage) -> No
     secret = "browser-test-secret-of-32-bytes-at-least"
     env = {**FAST_ENV, "TRIO_WS_JWT_SECRET": secret}
     with live.server(env=env) as server:
-        token = jwt.encode({"sub": "dave", "exp": int(time.time()) + 2}, secret)
         page = open_page(server.base_url + "/")
+        token = jwt.encode({"sub": "dave", "exp": int(time.time()) + 6}, secret)
         page.fill("#token", token)
         page.click("#connect")
-        expect_state(page, "open")
-        expect_state(page, "stopped", 10_000)
+        expect(page.locator("#log .t-welcome")).to_have_count(1)
+        expect_state(page, "stopped", 15_000)
         expect(page.locator("#stopped")).to_contain_text("the token expired")
         expect(page.locator("#stopped")).to_contain_text("4502")
 

@@ -369,12 +369,15 @@ def test_who_may_take_an_id_that_is_held(presented: str | None, outcome: str) ->
         assert holder.close_code == CloseCode.REPLACED
 
 
-def test_a_free_id_gets_a_new_key_whatever_was_presented() -> None:
+def test_a_free_id_keeps_the_key_presented_or_gets_a_new_one() -> None:
     hub = make_hub()
     first = hub.connect("alice", "p1")
     hub.disconnect(first)
     second = hub.connect("alice", "p2", resume_key=first.resume_key)
-    assert second.resume_key not in (None, first.resume_key)
+    assert second.resume_key == first.resume_key  # a tab's key stays the same
+    hub.disconnect(second)
+    third = hub.connect("alice", "p3", resume_key="not a key")
+    assert third.resume_key not in (None, first.resume_key)
 
 
 def test_with_tokens_a_user_holds_several_connections_each_replaced_only_by_its_key() -> None:

@@ -237,6 +237,19 @@ class RedisBroker(Broker):
         won = await self._commands.ask(functools.partial(self._claim_periodic, slot, interval))
         return True if won is None else won  # None: Redis went down meanwhile
 
+    async def claim_id(self, client_id: str, digest: str, presented: str | None) -> bool:
+        if self.state is BrokerState.DOWN:
+            return True  # each process decides for its own clients during an outage
+        granted = await self._commands.ask(
+            functools.partial(self._claim_id, client_id, digest, presented)
+        )
+        return True if granted is None else granted  # None: Redis went down meanwhile
+
+    def release_id(self, client_id: str, digest: str) -> None:
+        if self._joined is None or self.state is BrokerState.DOWN:
+            return  # the next session writes the held ids anew
+        self._commands.post(functools.partial(self._release_id, client_id, digest))
+
     async def leave(self) -> None:
         membership = self._require_joined().membership
         membership.leaving = True  # no heartbeat may register this process again
@@ -331,6 +344,7 @@ class RedisBroker(Broker):
         log = self._require_joined().log
         log.start(await self._run_id(client), await self._stream_info(client))
         await self._heartbeat(client)
+        await self._write_ids(client)
         LOGGER.info(
             "broker: Redis at %s, stream %s from id %s, instance %s; cluster: %d instances, "
             "%d connections",
@@ -345,6 +359,7 @@ class RedisBroker(Broker):
     async def _resync(self, client: coredis.Redis[str]) -> None:
         """After an outage: the log chooses where to replay from and what to send again."""
         run_id, stream = await self._run_id(client), await self._stream_info(client)
+        await self._write_ids(client)
         resync = self._require_joined().log.on_resync(run_id, stream, trio.current_time())
         _report_resync(resync, redact_url(self.url), self.stream)
 
@@ -535,6 +550,21 @@ class RedisBroker(Broker):
         if won:
             await self._heartbeat(client)  # the periodic message reports a fresh cluster count
         return won
+
+    async def _claim_id(
+        self, client_id: str, digest: str, presented: str | None, client: coredis.Redis[str]
+    ) -> bool:
+        return await self._require_joined().membership.claim_id(
+            client, client_id, digest, presented
+        )
+
+    async def _release_id(self, client_id: str, digest: str, client: coredis.Redis[str]) -> bool:
+        await self._require_joined().membership.release_id(client, client_id, digest)
+        return True
+
+    async def _write_ids(self, client: coredis.Redis[str]) -> None:
+        joined = self._require_joined()
+        await joined.membership.write_ids(client, joined.member.held_ids())
 
     async def _leave(self, client: coredis.Redis[str]) -> bool:
         await self._require_joined().membership.leave(client)

@@ -165,8 +165,9 @@ class Hub:
             client_id = protocol.new_client_id()
         else:
             protocol.validate_client_id(client_id)
-        key = resume_key if authenticated and resume_key is not None else None
-        key = key or protocol.new_resume_key()
+        # A key presented is kept (a tab's key stays the same for its whole life, and the
+        # cluster's claim can then verify it on any instance); a new one otherwise.
+        key = resume_key or protocol.new_resume_key()
         slot = _slot(client_id, key) if authenticated else client_id
         current = self.registry.get(slot)
         if current is not None:
@@ -229,6 +230,37 @@ class Hub:
             plural(len(self.registry), "active connection"),
         )
         return connection
+
+    async def claim_across_cluster(self, connection: Connection, presented: str | None) -> bool:
+        """Whether ``connection`` (just registered by :meth:`connect`) may keep its id across
+        the cluster: False when a connection on another process holds the id and ``presented``
+        is not its resume key (the caller then disconnects it and closes it with 4009).
+        Authenticated connections (tokens) claim nothing: a user may hold several."""
+        if connection.authenticated or connection.resume_key is None:
+            return True
+        valid = presented is not None and RESUME_KEY_PATTERN.fullmatch(presented) is not None
+        granted = await self.broker.claim_id(
+            connection.client_id,
+            key_digest(connection.resume_key),
+            key_digest(presented) if valid and presented is not None else None,
+        )
+        if not granted:
+            LOGGER.info(
+                "client %s: attempt from %s refused with 4009, the id is held by a connection "
+                "on another instance and %s",
+                connection.client_id,
+                connection.peer,
+                "no resume key was presented" if presented is None else "the key is not its",
+            )
+        return granted
+
+    def held_ids(self) -> dict[str, str]:
+        """The ids this process's connections hold without tokens, with their key digests."""
+        return {
+            connection.client_id: key_digest(connection.resume_key)
+            for connection in self.registry
+            if not connection.authenticated and connection.resume_key is not None
+        }
 
     async def close_when_expired(self, connection: Connection, expires_at: float) -> None:
         """Close ``connection`` with 4502 when its token expires (``expires_at``, wall-clock
@@ -307,6 +339,8 @@ class Hub:
         """Forget ``connection`` (idempotent); called however the connection ended."""
         if not self.registry.remove(connection):
             return
+        if not connection.authenticated and connection.resume_key is not None:
+            self.broker.release_id(connection.client_id, key_digest(connection.resume_key))
         self._presence_changed.set()
         if self.drain.requested:
             self.drain.note_gone(connection, len(self.registry))
@@ -451,7 +485,12 @@ class Hub:
         await self.drain.watch(self.registry)
 
 
+def key_digest(resume_key: str) -> str:
+    """What the cluster stores of a resume key: a digest, never the key itself."""
+    return hashlib.sha256(resume_key.encode()).hexdigest()[:32]
+
+
 def _slot(client_id: str, resume_key: str) -> str:
     """The registry slot of an authenticated connection: its id and a digest of its key (the
     key itself stays out of anything that might be printed)."""
-    return f"{client_id}#{hashlib.sha256(resume_key.encode()).hexdigest()[:24]}"
+    return f"{client_id}#{key_digest(resume_key)}"

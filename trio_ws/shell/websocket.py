@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from trio_ws.core import protocol
-from trio_ws.core.hub import REFUSED_REASON
+from trio_ws.core.hub import ID_IN_USE_REASON, REFUSED_REASON
 from trio_ws.core.limits import address_key
 from trio_ws.core.protocol import (
     ClientIdError,
@@ -169,6 +169,9 @@ class WebSocketEndpoint:
             await _close(sink, CloseCode.REPLACED, str(error), peer)
             return
         try:
+            if not await hub.claim_across_cluster(connection, _query_value(scope, "key")):
+                await _close(sink, CloseCode.ID_IN_USE, ID_IN_USE_REASON, peer)
+                return
             if since is not None:
                 await hub.resume(connection, since)
             async with trio.open_nursery() as nursery:
