@@ -18,6 +18,7 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 from tests.conftest import StartServer
 from tests.procutil import console_script
 from tests.wsutil import close_code, next_frame, wait_until
+from trio_ws.client import build_parser, run
 from trio_ws.hosting.launcher import RunningServer
 
 SECRET = "a-test-secret-of-at-least-thirty-two-bytes"
@@ -285,3 +286,20 @@ async def test_the_token_command_mints_a_token_the_server_accepts(
     )
     assert off.returncode == 2
     assert b"tokens are off" in off.stderr
+
+
+async def test_the_command_line_client_sends_its_token_as_a_bearer_header(
+    token_server: RunningServer,
+) -> None:
+    out: list[str] = []
+    args = build_parser().parse_args(
+        ["--url", token_server.ws_url, "--token", good("frank"), "--leave-after", "0.2"]
+    )
+    with trio.fail_after(5):
+        assert await run(args, out) == 0
+    assert out[0].startswith("[client] welcome: I am frank on instance")
+    refused: list[str] = []
+    args = build_parser().parse_args(["--url", token_server.ws_url, "--token", "nonsense"])
+    with trio.fail_after(5):
+        assert await run(args, refused) == 0
+    assert refused[-1] == "[client] closed: code 4501 (token malformed)"
