@@ -303,3 +303,26 @@ async def test_the_command_line_client_sends_its_token_as_a_bearer_header(
     with trio.fail_after(5):
         assert await run(args, refused) == 0
     assert refused[-1] == "[client] closed: code 4501 (token malformed)"
+
+
+@pytest.mark.parametrize(
+    ("env", "error"),
+    [
+        ({"TRIO_WS_JWT_SECRET_FILE": "/nonexistent/secret"}, "cannot use the token key"),
+        ({"TRIO_WS_JWT_SECRET": "short"}, "TRIO_WS_JWT_SECRET must be at least 32 bytes"),
+        ({"TRIO_WS_JWT_ALGORITHM": "none"}, "TRIO_WS_JWT_ALGORITHM must be one of"),
+        ({"TRIO_WS_ALLOWED_ORIGINS": "evil.example"}, "TRIO_WS_ALLOWED_ORIGINS must be origins"),
+    ],
+)
+async def test_a_server_with_a_bad_identity_setting_does_not_start(
+    env: dict[str, str], error: str
+) -> None:
+    started = await trio.run_process(
+        [console_script("trio-ws"), "--port", "0"],
+        env={**os.environ, **env},
+        capture_stderr=True,
+        check=False,
+    )
+    assert started.returncode == 2
+    assert error in started.stderr.decode()
+    assert "short" not in started.stderr.decode().replace("TRIO_WS_JWT_SECRET", "")

@@ -196,6 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in (settings.certfile, settings.keyfile):
         if path is not None and not os.path.isfile(path):
             parser.exit(2, f"trio-ws: error: no such file: {path}\n")
+    try:  # the token key, read now to report a missing or short file in one line
+        policy_from_settings(settings, lambda path: Path(path).read_text())
+    except (OSError, ValueError) as error:
+        parser.exit(2, f"trio-ws: error: cannot use the token key: {error}\n")
     configure_logging(settings.log_level_number)
     try:
         trio.run(serving.serve, settings)
