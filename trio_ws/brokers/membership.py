@@ -22,6 +22,7 @@ import json
 import math
 import os
 import socket
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from coredis.tokens import PureToken
@@ -57,6 +58,17 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
 end
 return 0
 """
+
+
+@dataclass(frozen=True, slots=True)
+class IdRequest:
+    """A claim of ``client_id`` with ``digest`` (``presented``: the digest of the key the attempt
+    presented), or its release (``claim`` False)."""
+
+    client_id: str
+    digest: str
+    presented: str | None
+    claim: bool
 
 
 class Membership:
@@ -120,26 +132,36 @@ class Membership:
         )
         return bool(won)
 
-    async def claim_id(
-        self, client: coredis.Redis[str], client_id: str, digest: str, presented: str | None
-    ) -> bool:
-        """Whether ``client_id`` is this process's now (see :data:`CLAIM_ID_SCRIPT`)."""
-        granted = await client.eval(
-            CLAIM_ID_SCRIPT,
-            [],
-            [
-                self._prefix,
-                self.instance_id,
-                client_id,
-                digest,
-                presented or "",
-                int(self.instance_ttl_s * 1000),
-            ],
-        )
-        return bool(granted)
-
-    async def release_id(self, client: coredis.Redis[str], client_id: str, digest: str) -> None:
-        await client.eval(RELEASE_ID_SCRIPT, [self.ids_key], [client_id, digest])
+    async def run_id_requests(
+        self, client: coredis.Redis[str], requests: list[IdRequest]
+    ) -> list[bool]:
+        """Claims and releases, in order, in one pipeline: for a claim, whether the id is this
+        process's now (:data:`CLAIM_ID_SCRIPT`); for a release, True."""
+        ttl_ms = int(self.instance_ttl_s * 1000)
+        async with client.pipeline(transaction=False) as pipe:
+            results = [
+                pipe.eval(
+                    CLAIM_ID_SCRIPT,
+                    [],
+                    [
+                        self._prefix,
+                        self.instance_id,
+                        request.client_id,
+                        request.digest,
+                        request.presented or "",
+                        ttl_ms,
+                    ],
+                )
+                if request.claim
+                else pipe.eval(
+                    RELEASE_ID_SCRIPT, [self.ids_key], [request.client_id, request.digest]
+                )
+                for request in requests
+            ]
+        return [
+            bool(await result) if request.claim else True
+            for request, result in zip(requests, results, strict=True)
+        ]
 
     async def write_ids(self, client: coredis.Redis[str], held: dict[str, str]) -> None:
         """Replace this process's held ids with ``held`` (a session's start)."""

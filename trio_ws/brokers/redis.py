@@ -63,7 +63,7 @@ from trio_ws.brokers.cluster_log import (
 )
 from trio_ws.brokers.entries import Entry, decode_entry, encode_entry
 from trio_ws.brokers.mailbox import Mailbox
-from trio_ws.brokers.membership import Membership
+from trio_ws.brokers.membership import IdRequest, Membership
 from trio_ws.core.broker import (
     Broker,
     BrokerState,
@@ -158,6 +158,8 @@ class RedisBroker(Broker):
         self._space = trio.lowlevel.ParkingLot()
         self._histories: Mailbox[HistoryRequest, History] = Mailbox()
         self._commands: Mailbox[Command, bool] = Mailbox()
+        #: Claims and releases of client ids, in order; those waiting share one pipeline.
+        self._ids: Mailbox[IdRequest, bool] = Mailbox()
         self.history_requests = 0
         self.history_reads = 0
         self.stalls = 0
@@ -240,15 +242,13 @@ class RedisBroker(Broker):
     async def claim_id(self, client_id: str, digest: str, presented: str | None) -> bool:
         if self.state is BrokerState.DOWN:
             return True  # each process decides for its own clients during an outage
-        granted = await self._commands.ask(
-            functools.partial(self._claim_id, client_id, digest, presented)
-        )
+        granted = await self._ids.ask(IdRequest(client_id, digest, presented, claim=True))
         return True if granted is None else granted  # None: Redis went down meanwhile
 
     def release_id(self, client_id: str, digest: str) -> None:
         if self._joined is None or self.state is BrokerState.DOWN:
             return  # the next session writes the held ids anew
-        self._commands.post(functools.partial(self._release_id, client_id, digest))
+        self._ids.post(IdRequest(client_id, digest, None, claim=False))
 
     async def leave(self) -> None:
         membership = self._require_joined().membership
@@ -323,6 +323,7 @@ class RedisBroker(Broker):
         # session, since the broker is down (or shutting down).
         self._histories.give_up()
         self._commands.give_up()
+        self._ids.give_up()
         if failure is not None and first and not connected:
             raise BrokerUnavailableError(
                 f"cannot reach Redis at {redact_url(self.url)}: {_describe(failure)}"
@@ -373,6 +374,7 @@ class RedisBroker(Broker):
             nursery.start_soon(self._heartbeat_loop, client)
             nursery.start_soon(self._history_loop, client)
             nursery.start_soon(self._command_loop, client)
+            nursery.start_soon(self._ids_loop, client)
             nursery.start_soon(self._watchdog)
 
     def _fail(self, condition: str, reason: str) -> None:
@@ -525,6 +527,27 @@ class RedisBroker(Broker):
                 for request in requests:
                     request.give_up()
 
+    async def _ids_loop(self, client: coredis.Redis[str]) -> None:
+        """Runs the claims and releases of client ids that arrived meanwhile, in order, in one
+        pipeline: a reconnect storm of thousands of clients costs a few round trips."""
+        membership = self._require_joined().membership
+        while True:
+            requests = await self._ids.take_all()
+            try:
+                try:
+                    with trio.fail_after(self._command_timeout):
+                        answers = await membership.run_id_requests(
+                            client, [request.question for request in requests]
+                        )
+                except BROKER_ERRORS as error:
+                    self._command_failed(error)
+                    return
+                for request, answer in zip(requests, answers, strict=True):
+                    request.reply(answer)
+            finally:
+                for request in requests:
+                    request.give_up()  # unless answered: a claim is then granted
+
     async def _watchdog(self) -> None:
         log = self._require_joined().log
         while True:
@@ -550,17 +573,6 @@ class RedisBroker(Broker):
         if won:
             await self._heartbeat(client)  # the periodic message reports a fresh cluster count
         return won
-
-    async def _claim_id(
-        self, client_id: str, digest: str, presented: str | None, client: coredis.Redis[str]
-    ) -> bool:
-        return await self._require_joined().membership.claim_id(
-            client, client_id, digest, presented
-        )
-
-    async def _release_id(self, client_id: str, digest: str, client: coredis.Redis[str]) -> bool:
-        await self._require_joined().membership.release_id(client, client_id, digest)
-        return True
 
     async def _write_ids(self, client: coredis.Redis[str]) -> None:
         joined = self._require_joined()
