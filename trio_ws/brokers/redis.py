@@ -360,6 +360,8 @@ class RedisBroker(Broker):
     async def _resync(self, client: coredis.Redis[str]) -> None:
         """After an outage: the log chooses where to replay from and what to send again."""
         run_id, stream = await self._run_id(client), await self._stream_info(client)
+        # This process is a member again, holding its ids, before any claim is answered.
+        await self._heartbeat(client)
         await self._write_ids(client)
         resync = self._require_joined().log.on_resync(run_id, stream, trio.current_time())
         _report_resync(resync, redact_url(self.url), self.stream)
