@@ -111,6 +111,25 @@ async def test_a_refused_origin_is_one_log_line(
     assert "sekrit" not in server_log(caplog)
 
 
+async def test_a_flood_of_refusals_costs_a_log_line_per_ten_seconds(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    server = await start_server(jwt_secret=SECRET)
+    for _ in range(30):
+        with pytest.raises(ConnectionRejected):
+            async with open_websocket_url(
+                server.ws_url, extra_headers=origin_header("https://evil.example")
+            ):
+                pass
+        async with open_websocket_url(server.ws_url + "?token=forged") as ws:
+            assert (await close_code(ws))[0] == 4501
+    lines = [line for line in server_log(caplog).splitlines() if line.startswith("refused")]
+    assert len(lines) == 2, lines
+    async with open_websocket_url(f"{server.ws_url}?token={token('alice')}") as ws:
+        assert (await next_frame(ws))["client_id"] == "alice"
+
+
 # -- no takeover without the key -----------------------------------------------------------------
 
 

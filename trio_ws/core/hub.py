@@ -30,6 +30,7 @@ from trio_ws.core.limits import Admission, LimitPolicy
 from trio_ws.core.origins import OriginPolicy
 from trio_ws.core.protocol import RESUME_KEY_PATTERN, CloseCode, Frame
 from trio_ws.core.registry import Connection, Registry
+from trio_ws.core.throttle import Throttle
 from trio_ws.core.tokens import EXPIRED_REASON
 from trio_ws.core.words import loggable, plural
 
@@ -51,6 +52,10 @@ ID_IN_USE_REASON = "client id in use; retry later"
 #: at a trickle can make a close or a pong wait for.
 BATCH_LIMIT_BYTES = 64 * 1024
 
+#: At most one log line per this many seconds for refused origins, and for refused tokens: a
+#: flood of them costs a handshake each, not a log line each.
+REFUSAL_LOG_EVERY_S = 10.0
+
 
 class Hub:
     """Connections, broadcasts, the periodic message and the drain."""
@@ -69,6 +74,9 @@ class Hub:
         self.token_policy = token_policy
         #: Which pages may open a WebSocket (the ``Origin`` check, before the handshake).
         self.origins = OriginPolicy(settings.allowed_origins)
+        #: The pace of the refusal lines (see :data:`REFUSAL_LOG_EVERY_S`).
+        self.origin_refusals = Throttle(REFUSAL_LOG_EVERY_S)
+        self.token_refusals = Throttle(REFUSAL_LOG_EVERY_S)
         self.registry = Registry(on_evicted=self._evicted)
         #: Names this process in the welcome frame, /health and the cluster.
         self.instance_id = instance_id if instance_id is not None else protocol.new_instance_id()

@@ -116,12 +116,15 @@ class WebSocketEndpoint:
                     if client_id is not None and client_id != identity.subject:
                         raise TokenError("the token is for another client id")
                 except TokenError as error:
-                    LOGGER.info(
-                        "refused %s from %s with 4501: %s",
-                        loggable(_describe_path(scope)),
-                        peer,
-                        error,
-                    )
+                    count = hub.token_refusals.event(trio.current_time())
+                    if count is not None:
+                        LOGGER.info(
+                            "refused %s from %s with 4501: %s%s",
+                            loggable(_describe_path(scope)),
+                            peer,
+                            error,
+                            _more(count),
+                        )
                     await _close(sink, CloseCode.UNAUTHORIZED, str(error), peer)
                     return
                 client_id = identity.subject
@@ -291,18 +294,26 @@ def _origin_and_target(hub: Hub, scope: dict[str, Any]) -> tuple[str | None, str
     return origin, host, scheme
 
 
+def _more(count: int) -> str:
+    """The tail of a throttled refusal line: how many more were refused since the last one."""
+    return f" ({count - 1} more refused since the last line)" if count > 1 else ""
+
+
 async def _refuse_origin(hub: Hub, scope: dict[str, Any], send: Send, peer: str) -> None:
     origin, host, scheme = _origin_and_target(hub, scope)
-    LOGGER.info(
-        "refused %s from %s with HTTP 403: origin %s is not allowed (allowed: %s; the request "
-        "was made to %s://%s)",
-        loggable(_describe_path(scope)),
-        peer,
-        loggable(origin or ""),
-        hub.origins.describe(),
-        loggable({"ws": "http", "wss": "https"}.get(scheme, scheme)),
-        loggable(host or "?"),
-    )
+    count = hub.origin_refusals.event(trio.current_time())
+    if count is not None:
+        LOGGER.info(
+            "refused %s from %s with HTTP 403: origin %s is not allowed (allowed: %s; the "
+            "request was made to %s://%s)%s",
+            loggable(_describe_path(scope)),
+            peer,
+            loggable(origin or ""),
+            hub.origins.describe(),
+            loggable({"ws": "http", "wss": "https"}.get(scheme, scheme)),
+            loggable(host or "?"),
+            _more(count),
+        )
     if "websocket.http.response" in scope.get("extensions", {}):
         body = b"origin not allowed\n"
         await send(
