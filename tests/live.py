@@ -127,7 +127,10 @@ class Process:
                 os.killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(5)
-        if self.popen.stdout is not None:
+        # Let the reader reach the pipe's end first: closing the pipe under a thread that is
+        # still reading it raises in that thread (ValueError from PyMemoryView_FromBuffer).
+        self._reader.join(5)
+        if self.popen.stdout is not None and not self._reader.is_alive():
             self.popen.stdout.close()
 
 
