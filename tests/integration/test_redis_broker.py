@@ -19,6 +19,7 @@ from trio_ws.brokers.redis import RedisBroker
 from trio_ws.core.broker import BrokerState, Outgoing
 from trio_ws.core.health import health_report
 from trio_ws.core.hub import Hub
+from trio_ws.core.protocol import CloseCode
 from trio_ws.core.registry import Connection
 from trio_ws.settings import Settings, redact_url
 
@@ -459,12 +460,16 @@ async def test_ids_held_across_the_cluster_survive_a_redis_restart(redis: RedisS
         await trio.sleep(0.2)  # a heartbeat: the instances are known again
         assert not await claim(two, "alice")
         assert await claim(two, "alice", alice.resume_key)
+        # The first process is told, at its next heartbeat, and closes its stale connection.
+        await wait_until(lambda: alice.close_code == CloseCode.REPLACED, timeout=5)
         # The id left the first process: it is free once the second lets it go too.
         one.disconnect(alice)
         moved = two.registry.get("alice")
         assert moved is not None
         two.disconnect(moved)
-        assert await claim(one, "alice")
+        with trio.fail_after(3):  # the second process's release is on its way, as a retry
+            while not await claim(one, "alice"):  # noqa: ASYNC110  # state in Redis
+                await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
 
 

@@ -381,8 +381,8 @@ async def test_an_id_held_on_one_instance_cannot_be_taken_on_the_other(
     redis: RedisServer,
 ) -> None:
     """Without its resume key, alice cannot be taken on the other instance (4009); her genuine
-    reconnect there, with the key, is accepted; once every connection of hers has gone, the id
-    is free on both."""
+    reconnect there, with the key, is accepted, and her stale connection on the first instance
+    is closed with 4500 (within a heartbeat); once she has gone, the id is free on both."""
     async with two_instances(redis) as (one, two, urls):
         async with open_websocket_url(urls[0] + "/alice") as alice:
             key = (await next_frame(alice))["resume_key"]
@@ -400,6 +400,7 @@ async def test_an_id_held_on_one_instance_cannot_be_taken_on_the_other(
             async with open_websocket_url(f"{urls[1]}/alice?key={key}") as moved:
                 welcome = await next_frame(moved)
                 assert (welcome["client_id"], welcome["resume_key"]) == ("alice", key)
+                assert await close_code(alice) == (4500, "replaced by a newer connection")
                 # And nobody can take it there either, nor back on the first.
                 for url in urls:
                     async with open_websocket_url(url + "/alice") as impostor:

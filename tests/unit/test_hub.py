@@ -14,7 +14,7 @@ import trio.testing
 from trio_ws.brokers.local import LocalBroker
 from trio_ws.core.drain import DrainState
 from trio_ws.core.health import health_report
-from trio_ws.core.hub import Hub
+from trio_ws.core.hub import Hub, claim_value
 from trio_ws.core.protocol import ClientIdError, CloseCode, IdInUseError, StaleAttemptError
 from trio_ws.core.registry import Connection
 from trio_ws.hosting.signals import on_signal
@@ -411,3 +411,20 @@ async def test_a_token_expiring_closes_its_connection_with_4502(
         assert not connection.closing
         await trio.sleep(0.2)
         assert connection.close_code == CloseCode.TOKEN_EXPIRED
+
+
+def test_a_claim_taken_over_elsewhere_closes_only_the_connection_that_made_it() -> None:
+    hub = make_hub()
+    stale = hub.connect("alice", "p1")
+    assert stale.resume_key is not None
+    taken = claim_value(stale.resume_key, stale.attempt)
+    # Meanwhile the client came back here too, with its key: its newer connection stays.
+    newer = hub.connect("alice", "p2", resume_key=stale.resume_key)
+    hub.replaced_elsewhere([("alice", taken), ("nobody", taken)])
+    assert not newer.closing
+    hub.replaced_elsewhere([("alice", claim_value(stale.resume_key, newer.attempt))])
+    assert newer.close_code == CloseCode.REPLACED
+    tokened = hub.connect("bob", "p3", authenticated=True)
+    assert tokened.resume_key is not None
+    hub.replaced_elsewhere([("bob", claim_value(tokened.resume_key, tokened.attempt))])
+    assert not tokened.closing  # with tokens there are no claims to take over

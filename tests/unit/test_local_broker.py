@@ -31,6 +31,9 @@ class Collector:
     def held_ids(self) -> dict[str, str]:
         return {}
 
+    def replaced_elsewhere(self, claims: list[tuple[str, str]]) -> None:
+        pass
+
     def local_state(self) -> tuple[int, bool]:
         return 0, False
 

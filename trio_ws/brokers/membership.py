@@ -6,11 +6,14 @@ claim on each periodic message, the client ids its connections hold, and leaving
 * The periodic message of each interval is sent by whichever process first claims its slot with
   ``SET NX``: one per interval for the whole cluster.
 * The ids held (without tokens) are a hash per process, ``<prefix>:ids:<instance>``: id ->
-  digest of the connection's resume key, expiring with the process's entry (the heartbeat
-  renews both). A claim (one Lua script, so atomic) looks for the id in the hashes of the other
-  live processes: held there, it is granted only to an attempt that presents the same digest,
-  which also removes the other process's entry. Every session starts by writing the hash anew
-  from the registry, so what an outage left out of date is put right.
+  claim (the digest of the connection's resume key, a dot, the connection's attempt number),
+  expiring with the process's entry (the heartbeat renews both). A claim (one Lua script, so
+  atomic) looks for the id in the hashes of the other live processes: held there, it is
+  granted only to an attempt that presents the same digest, which also removes the other
+  process's entry and tells it, in its list ``<prefix>:evict:<instance>``, which claim was
+  taken over; each heartbeat takes that list, and the hub closes the connections that made
+  those claims (4500). Every session starts by writing the hash anew from the registry, so
+  what an outage left out of date is put right.
 * Leaving deletes the entry; no heartbeat may write it again afterwards.
 
 The client is passed to each call: the broker replaces it after an outage.
@@ -23,7 +26,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from coredis.tokens import PureToken
 
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
     import coredis
 
 
-#: ARGV: prefix, this instance, client id, digest to store, digest presented ("" for none),
+#: ARGV: prefix, this instance, client id, claim to store, digest presented ("" for none),
 #: the hash's time to live in ms. 1: granted (and stored); 0: held by another live process.
 CLAIM_ID_SCRIPT = """
 local prefix, me, id = ARGV[1], ARGV[2], ARGV[3]
@@ -41,8 +44,10 @@ for _, other in ipairs(redis.call('SMEMBERS', prefix .. ':instances')) do
   if other ~= me then
     local held = redis.call('HGET', prefix .. ':ids:' .. other, id)
     if held and redis.call('EXISTS', prefix .. ':instance:' .. other) == 1 then
-      if ARGV[5] == '' or held ~= ARGV[5] then return 0 end
+      if ARGV[5] == '' or string.match(held, '^[^.]*') ~= ARGV[5] then return 0 end
       redis.call('HDEL', prefix .. ':ids:' .. other, id)
+      redis.call('RPUSH', prefix .. ':evict:' .. other, id .. ' ' .. held)
+      redis.call('PEXPIRE', prefix .. ':evict:' .. other, ARGV[6])
     end
   end
 end
@@ -51,7 +56,7 @@ redis.call('PEXPIRE', prefix .. ':ids:' .. me, ARGV[6])
 return 1
 """
 
-#: KEYS: this process's hash; ARGV: client id, digest. Deletes the claim if it is still that one.
+#: KEYS: this process's hash; ARGV: client id, claim. Deletes the claim if it is still that one.
 RELEASE_ID_SCRIPT = """
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   return redis.call('HDEL', KEYS[1], ARGV[1])
@@ -62,13 +67,21 @@ return 0
 
 @dataclass(frozen=True, slots=True)
 class IdRequest:
-    """A claim of ``client_id`` with ``digest`` (``presented``: the digest of the key the attempt
-    presented), or its release (``claim`` False)."""
+    """A claim of ``client_id`` with ``value`` (see :data:`CLAIM_ID_SCRIPT`; ``presented``: the
+    digest of the key the attempt presented), or its release (``claim`` False)."""
 
     client_id: str
-    digest: str
+    value: str
     presented: str | None
     claim: bool
+
+
+#: KEYS: this process's evictions. Takes them all: ``"<client id> <claim>"`` each.
+TAKE_EVICTIONS_SCRIPT = """
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+return items
+"""
 
 
 class Membership:
@@ -84,6 +97,7 @@ class Membership:
         self._prefix = prefix
         #: This process's held ids (see the module docstring).
         self.ids_key = f"{prefix}:ids:{instance_id}"
+        self.evict_key = f"{prefix}:evict:{instance_id}"
         #: Set by :meth:`leave`: from then on no heartbeat registers this process again.
         self.leaving = False
 
@@ -147,14 +161,14 @@ class Membership:
                         self._prefix,
                         self.instance_id,
                         request.client_id,
-                        request.digest,
+                        request.value,
                         request.presented or "",
                         ttl_ms,
                     ],
                 )
                 if request.claim
                 else pipe.eval(
-                    RELEASE_ID_SCRIPT, [self.ids_key], [request.client_id, request.digest]
+                    RELEASE_ID_SCRIPT, [self.ids_key], [request.client_id, request.value]
                 )
                 for request in requests
             ]
@@ -162,6 +176,16 @@ class Membership:
             bool(await result) if request.claim else True
             for request, result in zip(requests, results, strict=True)
         ]
+
+    async def take_evictions(self, client: coredis.Redis[str]) -> list[tuple[str, str]]:
+        """The claims of this process that reconnects on other processes took over since the
+        last call: ``(client id, claim)``."""
+        items = await client.eval(TAKE_EVICTIONS_SCRIPT, [self.evict_key], [])
+        taken = []
+        for item in cast("list[str]", items or []):
+            client_id, _, claim = str(item).partition(" ")
+            taken.append((client_id, claim))
+        return taken
 
     async def write_ids(self, client: coredis.Redis[str], held: dict[str, str]) -> None:
         """Replace this process's held ids with ``held`` (a session's start)."""
@@ -175,5 +199,5 @@ class Membership:
         """Remove this process's entry now (rather than when it expires)."""
         self.leaving = True
         async with client.pipeline(transaction=False) as pipe:
-            pipe.delete([self._instance_key, self.ids_key])
+            pipe.delete([self._instance_key, self.ids_key, self.evict_key])
             pipe.srem(self._instances_key, [self.instance_id])

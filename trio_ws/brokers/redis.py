@@ -239,16 +239,16 @@ class RedisBroker(Broker):
         won = await self._commands.ask(functools.partial(self._claim_periodic, slot, interval))
         return True if won is None else won  # None: Redis went down meanwhile
 
-    async def claim_id(self, client_id: str, digest: str, presented: str | None) -> bool:
+    async def claim_id(self, client_id: str, claim: str, presented: str | None) -> bool:
         if self.state is BrokerState.DOWN:
             return True  # each process decides for its own clients during an outage
-        granted = await self._ids.ask(IdRequest(client_id, digest, presented, claim=True))
+        granted = await self._ids.ask(IdRequest(client_id, claim, presented, claim=True))
         return True if granted is None else granted  # None: Redis went down meanwhile
 
-    def release_id(self, client_id: str, digest: str) -> None:
+    def release_id(self, client_id: str, claim: str) -> None:
         if self._joined is None or self.state is BrokerState.DOWN:
             return  # the next session writes the held ids anew
-        self._ids.post(IdRequest(client_id, digest, None, claim=False))
+        self._ids.post(IdRequest(client_id, claim, None, claim=False))
 
     async def leave(self) -> None:
         membership = self._require_joined().membership
@@ -563,12 +563,14 @@ class RedisBroker(Broker):
     # -- commands ------------------------------------------------------------------------------
 
     async def _heartbeat(self, client: coredis.Redis[str]) -> None:
-        connections, draining = self._require_joined().member.local_state()
-        view = await self._require_joined().membership.heartbeat(
-            client, connections, draining, trio.current_time()
-        )
+        joined = self._require_joined()
+        connections, draining = joined.member.local_state()
+        view = await joined.membership.heartbeat(client, connections, draining, trio.current_time())
         if view is not None:
             self._cluster = view
+        evictions = await joined.membership.take_evictions(client)
+        if evictions:
+            joined.member.replaced_elsewhere(evictions)
 
     async def _claim_periodic(self, slot: int, interval: float, client: coredis.Redis[str]) -> bool:
         won = await self._require_joined().membership.claim_periodic(client, slot, interval)

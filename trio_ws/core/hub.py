@@ -249,7 +249,7 @@ class Hub:
         valid = presented is not None and RESUME_KEY_PATTERN.fullmatch(presented) is not None
         granted = await self.broker.claim_id(
             connection.client_id,
-            key_digest(connection.resume_key),
+            claim_value(connection.resume_key, connection.attempt),
             key_digest(presented) if valid and presented is not None else None,
         )
         if not granted:
@@ -263,12 +263,33 @@ class Hub:
         return granted
 
     def held_ids(self) -> dict[str, str]:
-        """The ids this process's connections hold without tokens, with their key digests."""
+        """The ids this process's connections hold without tokens, with their claims."""
         return {
-            connection.client_id: key_digest(connection.resume_key)
+            connection.client_id: claim_value(connection.resume_key, connection.attempt)
             for connection in self.registry
             if not connection.authenticated and connection.resume_key is not None
         }
+
+    def replaced_elsewhere(self, claims: list[tuple[str, str]]) -> None:
+        """Each ``(client id, claim)`` was taken over by a reconnect on another instance that
+        presented the key: close the connection that made that claim, if it is still here,
+        with 4500 (a connection made since, with another claim, stays)."""
+        for client_id, claim in claims:
+            connection = self.registry.get(client_id)
+            if (
+                connection is None
+                or connection.authenticated
+                or connection.resume_key is None
+                or claim_value(connection.resume_key, connection.attempt) != claim
+            ):
+                continue
+            if connection.request_close(CloseCode.REPLACED, "replaced by a newer connection"):
+                LOGGER.info(
+                    "client %s (%s): reconnected with its resume key on another instance, "
+                    "closed with 4500",
+                    client_id,
+                    connection.peer,
+                )
 
     async def close_when_expired(self, connection: Connection, expires_at: float) -> None:
         """Close ``connection`` with 4502 when its token expires (``expires_at``, wall-clock
@@ -348,7 +369,9 @@ class Hub:
         if not self.registry.remove(connection):
             return
         if not connection.authenticated and connection.resume_key is not None:
-            self.broker.release_id(connection.client_id, key_digest(connection.resume_key))
+            self.broker.release_id(
+                connection.client_id, claim_value(connection.resume_key, connection.attempt)
+            )
         self._presence_changed.set()
         if self.drain.requested:
             self.drain.note_gone(connection, len(self.registry))
@@ -496,6 +519,13 @@ class Hub:
 def key_digest(resume_key: str) -> str:
     """What the cluster stores of a resume key: a digest, never the key itself."""
     return hashlib.sha256(resume_key.encode()).hexdigest()[:32]
+
+
+def claim_value(resume_key: str, attempt: int) -> str:
+    """What a connection's claim on its id says in the cluster: its key's digest (another
+    instance compares a presented key with it) and its attempt number (which connection of
+    this process made the claim)."""
+    return f"{key_digest(resume_key)}.{attempt}"
 
 
 def _slot(client_id: str, resume_key: str) -> str:
