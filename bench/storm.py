@@ -19,9 +19,10 @@ What it does, all on loopback, every process its own and stopped by PID at the e
    * ``page``, what templates/index.html does: leave A (close 1000, then wait for the close
      handshake, as a browser does) at a random moment within min(10 s, half of
      ``seconds_left``) after the shutdown frame, or at once if A closes first; then reconnect to
-     B with full-jitter backoff (attempt n waits uniform(0, min(20, 0.5 * 2**n)) s) and
-     ``?since=<last id seen>``. The page has no connect timeout of its own; here an attempt is
-     abandoned after 30 s;
+     B with full-jitter backoff (attempt n waits uniform(0, min(20, 0.5 * 2**n)) s),
+     ``?since=<last id seen>`` and ``&key=<resume key>`` (every attempt presents the key of
+     its welcome, as the page does, so that nothing holds its id against it). The page has no
+     connect timeout of its own; here an attempt is abandoned after 30 s;
    * ``immediate``: on the shutdown frame close A and connect to B at once, giving each attempt
      ``--connect-timeout`` seconds (TCP connect, handshake and welcome) and retrying at once on
      any failure or timeout.
@@ -214,6 +215,7 @@ class _Client:
         "first_b_seq",
         "got",
         "index",
+        "key",
         "last_id",
         "left_at",
         "name",
@@ -231,6 +233,9 @@ class _Client:
         self.got = 0
         self.dups = 0
         self.last_id: bytes | None = None  # bytes: set for every message, read once per attempt
+        #: The resume key of its welcome, presented on every attempt as the page does: it
+        #: replaces the client's own stale connection instead of meeting 4009.
+        self.key: str | None = None
         self.conn: _Conn | None = None
         self.phase = NEW
         self.shutdown_at: float | None = None
@@ -369,9 +374,12 @@ class Pool:
 
     def _path(self, conn: _Conn) -> str:
         client = conn.client
+        query = []
         if conn.server == "B" and client.last_id is not None:
-            return f"/ws/{client.name}?since={client.last_id.decode()}"
-        return f"/ws/{client.name}"
+            query.append(f"since={client.last_id.decode()}")
+        if client.key is not None:
+            query.append(f"key={client.key}")
+        return f"/ws/{client.name}" + ("?" + "&".join(query) if query else "")
 
     def _on_connected(self, conn: _Conn) -> None:
         err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -510,6 +518,8 @@ class Pool:
         if kind == "welcome" and conn.state == OPEN:
             conn.state = LIVE
             conn.welcomed_at = now
+            if isinstance(frame.get("resume_key"), str):
+                client.key = frame["resume_key"]
             resumed = frame.get("resumed")
             if not resumed and client.last_id is None and frame.get("last_id"):
                 client.last_id = str(frame["last_id"]).encode()

@@ -127,7 +127,10 @@ class Process:
                 os.killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(5)
-        if self.popen.stdout is not None:
+        # Let the reader reach the pipe's end first: closing the pipe under a thread that is
+        # still reading it raises in that thread (ValueError from PyMemoryView_FromBuffer).
+        self._reader.join(5)
+        if self.popen.stdout is not None and not self._reader.is_alive():
             self.popen.stdout.close()
 
 
@@ -160,10 +163,12 @@ def nginx_site(
     upstream_ports: Sequence[int],
     read_timeout: str | None = None,
     down: Sequence[int] = (),
+    access_log: Path | None = None,
 ) -> str:
     """The shipped ``deploy/nginx.conf`` with the test's ports (and, for the idle test, a shorter
-    ``proxy_read_timeout``). Every edit must find what it replaces: a change to the shipped file
-    that breaks these assumptions fails the tests instead of going unchecked."""
+    ``proxy_read_timeout``), its access log in ``access_log`` (or off). Every edit must find what
+    it replaces: a change to the shipped file that breaks these assumptions fails the tests
+    instead of going unchecked."""
     text = (DEPLOY / "nginx.conf").read_text()
 
     def replace(pattern: str, new: str, count: int) -> None:
@@ -186,6 +191,10 @@ def nginx_site(
     replace(r"^    listen \[::\]:80;\n", "", 1)
     if read_timeout is not None:
         replace(r"proxy_read_timeout \S+;", f"proxy_read_timeout {read_timeout};", 1)
+    log = f"{access_log} trio_ws_noquery" if access_log is not None else "off"
+    replace(
+        r"access_log /var/log/nginx/trio-ws\.access\.log trio_ws_noquery;", f"access_log {log};", 1
+    )
     return text
 
 
@@ -202,7 +211,9 @@ def nginx_command(
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o755)  # nginx's workers may run as an unprivileged user
     site = workdir / "trio-ws.conf"
-    site.write_text(nginx_site(listen_port, upstream_ports, read_timeout, down))
+    site.write_text(
+        nginx_site(listen_port, upstream_ports, read_timeout, down, workdir / "access.log")
+    )
     main = workdir / "nginx.conf"
     temp = "\n".join(
         f"    {kind}_temp_path {workdir / kind};"

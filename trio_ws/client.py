@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("client_id", nargs="?", help="client id (default: assigned by server)")
     parser.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="%(default)s")
     parser.add_argument(
+        "--token",
+        default=os.environ.get("TRIO_WS_TOKEN"),
+        help="signed token for a server that requires one, sent as Authorization: Bearer "
+        "(default: $TRIO_WS_TOKEN, which keeps it out of the process list)",
+    )
+    parser.add_argument(
         "--send",
         action="append",
         default=[],
@@ -261,7 +267,10 @@ async def run(
             await nursery.start(interrupt.watch_sigint)
         with interrupt.whole:
             try:
-                async with open_websocket_url(url) as ws:
+                headers = (
+                    [(b"authorization", f"Bearer {args.token}".encode())] if args.token else None
+                )
+                async with open_websocket_url(url, extra_headers=headers) as ws:
                     interrupt.connected = True
                     with interrupt.session:
                         await talk(ws, args, printer, stdin_fd)

@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import re
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -31,6 +31,25 @@ MIN_API_KEY_LENGTH = 16
 
 #: The API's ``from``: ``@`` and what a client id may hold, so it never equals a client's id.
 _PUBLISHER_PATTERN = re.compile(r"@[A-Za-z0-9_.\-]{1,63}")
+#: ``TRIO_WS_JWT_ALGORITHM``: HMAC ones verify with a secret, the others with a public key.
+#: ``none`` is not among them: an unsigned token is never accepted.
+JWT_HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+JWT_PUBLIC_KEY_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+
+#: The shortest HMAC secret accepted (RFC 7518 section 3.2 asks for the hash's size, 32 bytes
+#: for HS256).
+JWT_MIN_SECRET_BYTES = 32
 
 
 class SettingsError(ValueError):
@@ -119,6 +138,22 @@ class Settings:
     #: Seconds a client has to send anything (a pong, any frame) after a ping before it is
     #: closed with 4010; 0 turns the check off (pings still go out).
     pong_timeout: float = 20.0
+    #: Origins whose pages may open a WebSocket (``https://app.example.com``; ``*``: any).
+    #: Empty: a handshake with an ``Origin`` must come from the same origin. Handshakes without
+    #: ``Origin`` (programs, not browsers) are not concerned.
+    allowed_origins: tuple[str, ...] = ()
+    #: The HMAC secret that signs tokens; setting it (or the two below) turns tokens on.
+    jwt_secret: str | None = dataclass_field(default=None, repr=False)
+    #: A file holding the HMAC secret (read at start-up; surrounding whitespace ignored).
+    jwt_secret_file: str | None = None
+    #: A PEM public key file, for RS256/ES256/... tokens.
+    jwt_public_key_file: str | None = None
+    #: The one algorithm tokens must be signed with.
+    jwt_algorithm: str = "HS256"
+    #: When set, a token's ``aud`` must contain it.
+    jwt_audience: str | None = None
+    #: When set, a token's ``iss`` must be it.
+    jwt_issuer: str | None = None
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "a TCP port from 0 to 65535")
@@ -220,6 +255,49 @@ class Settings:
                 entry,
                 "IP addresses or networks (CIDR), separated by commas",
             )
+        for entry in self.allowed_origins:
+            _check(
+                entry in ("*", "null") or _is_origin(entry),
+                "allowed_origins",
+                entry,
+                "origins such as https://app.example.com (or * or null), separated by commas",
+            )
+        keys = [self.jwt_secret, self.jwt_secret_file, self.jwt_public_key_file]
+        _check(
+            sum(key is not None for key in keys) <= 1,
+            "jwt_secret",
+            "***",
+            "set alone: give one of TRIO_WS_JWT_SECRET, TRIO_WS_JWT_SECRET_FILE and "
+            "TRIO_WS_JWT_PUBLIC_KEY_FILE",
+        )
+        _check(
+            self.jwt_algorithm in JWT_HMAC_ALGORITHMS + JWT_PUBLIC_KEY_ALGORITHMS,
+            "jwt_algorithm",
+            self.jwt_algorithm,
+            "one of " + " ".join(JWT_HMAC_ALGORITHMS + JWT_PUBLIC_KEY_ALGORITHMS),
+        )
+        if self.jwt_public_key_file is not None:
+            _check(
+                self.jwt_algorithm in JWT_PUBLIC_KEY_ALGORITHMS,
+                "jwt_algorithm",
+                self.jwt_algorithm,
+                "a public-key algorithm (RS256, ES256, ...) with TRIO_WS_JWT_PUBLIC_KEY_FILE",
+            )
+        elif self.tokens_enabled:
+            _check(
+                self.jwt_algorithm in JWT_HMAC_ALGORITHMS,
+                "jwt_algorithm",
+                self.jwt_algorithm,
+                "HS256, HS384 or HS512 with a secret (a public-key algorithm needs "
+                "TRIO_WS_JWT_PUBLIC_KEY_FILE)",
+            )
+        if self.jwt_secret is not None:
+            _check(
+                len(self.jwt_secret.encode()) >= JWT_MIN_SECRET_BYTES,
+                "jwt_secret",
+                "***",
+                f"at least {JWT_MIN_SECRET_BYTES} bytes",
+            )
         _check(
             self.client_publish in CLIENT_PUBLISH_POLICIES,
             "client_publish",
@@ -275,6 +353,14 @@ class Settings:
         return cls(**values)
 
     @property
+    def tokens_enabled(self) -> bool:
+        """Whether clients must present a signed token (a key for them is configured)."""
+        return any(
+            key is not None
+            for key in (self.jwt_secret, self.jwt_secret_file, self.jwt_public_key_file)
+        )
+
+    @property
     def resume_bytes(self) -> int:
         """Most bytes of history a resuming client is replayed: half its outbox, so that what
         arrives live meanwhile still fits."""
@@ -311,7 +397,9 @@ class Settings:
             f"trusted_proxies={','.join(self.trusted_proxies) or 'none'} "
             f"client_publish={self.client_publish} "
             f"api={'on' if self.api_key is not None else 'off'} "
-            f"health_detail={'on' if self.health_detail else 'off'}"
+            f"health_detail={'on' if self.health_detail else 'off'} "
+            f"allowed_origins={','.join(self.allowed_origins) or 'same-origin'} "
+            f"tokens={self.jwt_algorithm if self.tokens_enabled else 'off'}"
         )
 
     @property
@@ -393,6 +481,25 @@ def parse_proxies(raw: str) -> tuple[str, ...]:
     return tuple(entry for entry in re.split(r"[,\s]+", raw.strip()) if entry)
 
 
+def parse_list(raw: str) -> tuple[str, ...]:
+    """A list setting: entries separated by commas or spaces."""
+    return tuple(entry for entry in re.split(r"[,\s]+", raw.strip()) if entry)
+
+
+def _is_origin(entry: str) -> bool:
+    parts = urllib.parse.urlsplit(entry)
+    try:
+        parts.port  # noqa: B018  # raises for a port that is not a number
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and parts.path in ("", "/")
+        and not parts.query
+    )
+
+
 def _is_network(entry: str) -> bool:
     try:
         ipaddress.ip_network(entry, strict=False)
@@ -442,6 +549,13 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "health_detail": on_off,
     "redis_stream_max_bytes": int,
     "pong_timeout": _number,
+    "allowed_origins": parse_list,
+    "jwt_secret": str,
+    "jwt_secret_file": str,
+    "jwt_public_key_file": str,
+    "jwt_algorithm": str,
+    "jwt_audience": str,
+    "jwt_issuer": str,
 }
 
 

@@ -19,6 +19,7 @@ from trio_ws.brokers.redis import RedisBroker
 from trio_ws.core.broker import BrokerState, Outgoing
 from trio_ws.core.health import health_report
 from trio_ws.core.hub import Hub
+from trio_ws.core.protocol import CloseCode
 from trio_ws.core.registry import Connection
 from trio_ws.settings import Settings, redact_url
 
@@ -427,4 +428,70 @@ async def test_a_stalled_broker_is_noticed_by_the_watchdog_then_delivers_once(
         assert [f["text"] for f in frames["here"]] == ["before", *frozen]
         assert all(f["id"] is None for f in frames["here"][1:])
         assert [f["text"] for f in frames["there"]] == frozen
+        nursery.cancel_scope.cancel()
+
+
+async def claim(hub: Hub, client_id: str, key: str | None = None) -> bool:
+    """Connect ``client_id`` to ``hub`` (presenting ``key``) and claim it across the cluster;
+    a refused claim is disconnected, as the endpoint does."""
+    connection = hub.connect(client_id, "p", resume_key=key)
+    granted = await hub.claim_across_cluster(connection, key)
+    if not granted:
+        hub.disconnect(connection)
+    return granted
+
+
+async def test_ids_held_across_the_cluster_survive_a_redis_restart(redis: RedisServer) -> None:
+    one, two = make_hub(redis, "one"), make_hub(redis, "two")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(one.run)
+        await nursery.start(two.run)
+        assert await claim(one, "alice")
+        alice = one.registry.get("alice")
+        assert alice is not None
+        assert alice.resume_key is not None
+        assert not await claim(two, "alice")
+        assert not await claim(two, "alice", "B" * 32)
+        # Redis restarts empty: each process writes the ids it holds anew.
+        await redis.kill()
+        await wait_until(lambda: one.broker.state is BrokerState.DOWN, timeout=10)
+        await redis.start()
+        await wait_until(lambda: one.broker.state is two.broker.state is BrokerState.UP, timeout=10)
+        await trio.sleep(0.2)  # a heartbeat: the instances are known again
+        assert not await claim(two, "alice")
+        assert await claim(two, "alice", alice.resume_key)
+        # The first process is told, at its next heartbeat, and closes its stale connection.
+        await wait_until(lambda: alice.close_code == CloseCode.REPLACED, timeout=5)
+        # The id left the first process: it is free once the second lets it go too.
+        one.disconnect(alice)
+        moved = two.registry.get("alice")
+        assert moved is not None
+        two.disconnect(moved)
+        with trio.fail_after(3):  # the second process's release is on its way, as a retry
+            while not await claim(one, "alice"):  # noqa: ASYNC110  # state in Redis
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_ids_of_a_crashed_process_free_themselves(redis: RedisServer) -> None:
+    options = {"heartbeat_s": 0.05, "instance_ttl_s": 0.3}
+    survivor, crashed = (
+        make_hub(redis, "survivor", **options),
+        make_hub(redis, "crashed", **options),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(survivor.run)
+        crashed_scope = trio.CancelScope()
+
+        async def run_until_crash(task_status: trio.TaskStatus[None]) -> None:
+            with crashed_scope:
+                await crashed.run(task_status=task_status)
+
+        await nursery.start(run_until_crash)
+        assert await claim(crashed, "bob")
+        assert not await claim(survivor, "bob")
+        crashed_scope.cancel()  # without leaving the cluster: as if the process was killed
+        with trio.fail_after(3):
+            while not await claim(survivor, "bob"):  # noqa: ASYNC110  # the TTL, in Redis
+                await trio.sleep(0.05)
         nursery.cancel_scope.cancel()

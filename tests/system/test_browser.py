@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
@@ -256,7 +257,13 @@ def test_page_stops_retrying_on_disconnect_4500_and_1008(open_page: OpenPage) ->
         replaced = open_page(server.base_url + "/?id=twin&connect")
         expect_state(user, "open")
         expect_state(replaced, "open")
-        twin = open_page(server.base_url + "/?id=twin&connect")
+        # A copy of the tab (a duplicated tab copies sessionStorage) presents its key: it is
+        # the same client, and the older connection is replaced with 4500.
+        key = replaced.evaluate("sessionStorage.getItem('trio_ws.resume_key.twin')")
+        assert isinstance(key, str)
+        twin = open_page(server.base_url + "/?id=twin")
+        twin.evaluate(f"sessionStorage.setItem('trio_ws.resume_key.twin', {key!r})")
+        twin.click("#connect")
         bad = open_page(server.base_url + "/?id=no%20spaces&connect")
 
         user.click("#disconnect")
@@ -283,6 +290,123 @@ def test_page_stops_retrying_on_disconnect_4500_and_1008(open_page: OpenPage) ->
         expect_state(user, "open")
         expect(user.locator("#log .t-welcome")).to_have_count(2)
         assert (sockets(user)["created"], sockets(user)["maxLive"]) == (2, 1)
+
+
+def test_a_page_cannot_take_an_id_in_use_and_retries_until_it_is_free(
+    open_page: OpenPage,
+) -> None:
+    """A link /?id=alice&connect opened by someone else: refused with 4009 while alice is
+    here, retried with backoff; the id is theirs once alice has left."""
+    with live.server(env=FAST_ENV) as server:
+        alice = open_page(server.base_url + "/?id=alice&connect")
+        expect_state(alice, "open")
+        other = open_page(server.base_url + "/?id=alice&connect", clock=True)
+        expect(other.locator("#log .t-close").first).to_contain_text("code 4009")
+        expect_state(other, "waiting")
+        expect(other.locator("#status")).to_have_text(
+            "client id in use by another connection, retrying"
+        )
+        alice.evaluate("window.__sockets.all.at(-1).send('still alice')")
+        expect(alice.locator("#log .t-message").last).to_contain_text("alice: still alice")
+        alice.click("#disconnect")
+        expect_state(alice, "closed")
+        skip_backoff_until_open(other)
+        expect(other.locator("#me")).to_have_text("alice")
+
+
+def test_page_reconnects_with_its_key_and_replaces_its_stale_connection(
+    open_page: OpenPage,
+) -> None:
+    """The network drops under the page, but the server still holds its old connection (no
+    close reached it): the page's retry presents its key and takes its id back at once."""
+    with live.server(env=FAST_ENV) as server:
+        page = open_page(server.base_url + "/?id=roamer&connect", clock=True)
+        expect_state(page, "open")
+        key = page.evaluate("sessionStorage.getItem('trio_ws.resume_key.roamer')")
+        assert isinstance(key, str)
+        assert len(key) == 32
+        # The page sees its socket fail; the server's side of it stays open (the stale
+        # connection): take the old socket out of the page's hands without closing it.
+        page.evaluate(
+            """() => {
+              const ws = window.__sockets.all.at(-1);
+              ws.onclose = null; ws.onmessage = null;
+              socket = null;
+              scheduleRetry();
+            }"""
+        )
+        skip_backoff_until_open(page)
+        assert f"key={key}" in sockets(page)["urls"][-1]
+        expect(page.locator("#log .t-welcome")).to_have_count(2)
+        expect(page.locator("#me")).to_have_text("roamer")
+        # The old connection was replaced (4500), and the page's key did not change.
+        old_close = page.evaluate(
+            """() => new Promise((done) => {
+              const ws = window.__sockets.all.at(-2);
+              if (ws.readyState === WebSocket.CLOSED) done("closed");
+              ws.addEventListener("close", (event) => done(event.code));
+            })"""
+        )
+        assert old_close in (4500, "closed")
+        assert page.evaluate("sessionStorage.getItem('trio_ws.resume_key.roamer')") == key
+        # Reload (the URL connects by itself): the tab keeps its key, and takes its id back
+        # again from the connection the reload left behind.
+        page.reload()
+        expect_state(page, "open")
+        assert f"key={key}" in sockets(page)["urls"][-1]
+        expect(page.locator("#me")).to_have_text("roamer")
+
+
+def test_a_page_told_its_token_is_invalid_stops_and_says_why(open_page: OpenPage) -> None:
+    env = {**FAST_ENV, "TRIO_WS_JWT_SECRET": "browser-test-secret-of-32-bytes-at-least"}
+    with live.server(env=env) as server:
+        page = open_page(server.base_url + "/")
+        page.fill("#token", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJtYWxsb3J5In0.forged")
+        page.click("#connect")
+        expect_state(page, "stopped")
+        expect(page.locator("#stopped")).to_contain_text("the server refused the token")
+        expect(page.locator("#stopped")).to_contain_text("4501")
+        no_token = open_page(server.base_url + "/?connect")
+        expect_state(no_token, "stopped")
+        expect(no_token.locator("#stopped")).to_contain_text("a token is required")
+        for refused in (page, no_token):
+            assert sockets(refused)["created"] == 1
+
+
+def test_a_page_with_a_valid_token_is_its_sub(open_page: OpenPage) -> None:
+    secret = "browser-test-secret-of-32-bytes-at-least"
+    env = {**FAST_ENV, "TRIO_WS_JWT_SECRET": secret}
+    with live.server(env=env) as server:
+        token = jwt.encode({"sub": "carol", "exp": int(time.time()) + 3600}, secret)
+        pages = []
+        for _ in range(2):  # two tabs of one user: neither closes the other
+            page = open_page(server.base_url + "/")
+            page.fill("#token", token)
+            page.click("#connect")
+            expect_state(page, "open")
+            expect(page.locator("#me")).to_have_text("carol")
+            assert token not in sockets(page)["urls"][-1]
+            pages.append(page)
+        pages[1].fill("#text", "two tabs")
+        pages[1].click("#send")
+        for page in pages:
+            expect(page.locator("#log .t-message").last).to_contain_text("carol: two tabs")
+            expect_state(page, "open")
+        assert token not in server.log
+
+
+def test_a_page_whose_token_expires_stops_and_says_so(open_page: OpenPage) -> None:
+    secret = "browser-test-secret-of-32-bytes-at-least"
+    env = {**FAST_ENV, "TRIO_WS_JWT_SECRET": secret}
+    with live.server(env=env) as server:
+        page = open_page(server.base_url + "/")
+        token = jwt.encode({"sub": "dave", "exp": int(time.time()) + 6}, secret)
+        page.fill("#token", token)
+        page.click("#connect")
+        expect(page.locator("#log .t-welcome")).to_have_count(1)
+        expect_state(page, "stopped", 15_000)
+        expect(page.locator("#stopped")).to_contain_text("the token expired")
+        expect(page.locator("#stopped")).to_contain_text("4502")
 
 
 def test_backoff_is_full_jitter_with_a_cap_doubling_from_half_a_second_to_20(

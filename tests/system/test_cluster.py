@@ -377,3 +377,41 @@ async def test_idle_hypercorn_workers_leave_the_cluster_when_the_parent_stops(
     assert server.count(r"trio_ws\.brokers\.redis: broker: instance \w+ left the cluster") == 2
     assert server.count(r"could not leave the cluster") == 0
     assert server.count(r"lifespan shutdown before a drain") == 0
+
+
+async def test_an_id_held_on_one_instance_cannot_be_taken_on_the_other(
+    redis: RedisServer,
+) -> None:
+    """Without its resume key, alice cannot be taken on the other instance (4009); her genuine
+    reconnect there, with the key, is accepted, and her stale connection on the first instance
+    is closed with 4500 (within a heartbeat); once she has gone, the id is free on both."""
+    async with two_instances(redis) as (one, two, urls):
+        async with open_websocket_url(urls[0] + "/alice") as alice:
+            key = (await next_frame(alice))["resume_key"]
+            for query in ("", "?key=" + "A" * 32):
+                async with open_websocket_url(urls[1] + "/alice" + query) as impostor:
+                    assert await close_code(impostor) == (4009, "client id in use; retry later")
+            await alice.send_message("still alice")
+            assert (await next_frame(alice))["from"] == "alice"
+            # A server-assigned id is held the same way.
+            async with open_websocket_url(urls[0]) as anon:
+                anon_id = (await next_frame(anon))["client_id"]
+                async with open_websocket_url(f"{urls[1]}/{anon_id}") as impostor:
+                    assert (await close_code(impostor))[0] == 4009
+            # The genuine client, moved to the other instance, presents its key.
+            async with open_websocket_url(f"{urls[1]}/alice?key={key}") as moved:
+                welcome = await next_frame(moved)
+                assert (welcome["client_id"], welcome["resume_key"]) == ("alice", key)
+                assert await close_code(alice) == (4500, "replaced by a newer connection")
+                # And nobody can take it there either, nor back on the first.
+                for url in urls:
+                    async with open_websocket_url(url + "/alice") as impostor:
+                        assert (await close_code(impostor))[0] == 4009
+        assert "refused with 4009, the id is held by a connection on another instance" in two.log
+        # Everyone left: the id is free on both instances.
+        for url in urls:
+            async with open_websocket_url(url + "/alice") as fresh:
+                welcome = await next_frame(fresh)
+                assert welcome["client_id"] == "alice"
+                assert welcome["resume_key"] != key
+        await stop(one, two)

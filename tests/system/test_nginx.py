@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from tests.live import free_port, nginx_command
 from tests.procutil import LAUNCHER, ServerProcess, running
@@ -92,6 +92,39 @@ async def test_messages_flow_both_ways_through_nginx(tmp_path: Path) -> None:
                 for ws in (alice, bob):
                     frame = await next_frame(ws)
                     assert (frame["type"], frame["from"], frame["text"]) == ("message", name, text)
+
+
+async def test_origins_through_nginx(tmp_path: Path) -> None:
+    """Through the shipped config, a page of the proxy's own origin connects (nginx forwards
+    the Host with its port) and a foreign one gets 403; with TLS ending at nginx the scheme
+    comes from X-Forwarded-Proto, believed from the trusted proxy only. The access log has the
+    path but no query string: neither the resume key nor a token."""
+    env = {"TRIO_WS_BROADCAST_INTERVAL": "0", "TRIO_WS_TRUSTED_PROXIES": "127.0.0.1"}
+    async with (
+        running(LAUNCHER, env) as server,
+        nginx_in_front(tmp_path, [port_of(await server.base_url())]) as proxy,
+    ):
+        ws_url = proxy.replace("http", "ws", 1) + "/ws"
+        own = [(b"Origin", proxy.encode())]
+        async with open_websocket_url(ws_url + "/alice", extra_headers=own) as alice:
+            key = (await next_frame(alice))["resume_key"]
+            async with open_websocket_url(
+                f"{ws_url}/alice?key={key}&token=not-a-real-token", extra_headers=own
+            ) as again:
+                assert (await next_frame(again))["client_id"] == "alice"
+        for foreign in ("https://evil.example", proxy.replace("http://", "https://")):
+            with pytest.raises(ConnectionRejected) as info:
+                async with open_websocket_url(
+                    ws_url, extra_headers=[(b"Origin", foreign.encode())]
+                ):
+                    pass
+            assert info.value.status_code == 403
+        await wait_until(lambda: "origin https://evil.example is not allowed" in server.log)
+        assert key not in server.log
+    log = (tmp_path / "access.log").read_text()
+    assert 'GET /ws/alice HTTP/1.1" 101' in log
+    assert key not in log
+    assert "not-a-real-token" not in log
 
 
 async def test_drain_reaches_clients_through_nginx(tmp_path: Path) -> None:

@@ -14,8 +14,14 @@ import trio.testing
 from trio_ws.brokers.local import LocalBroker
 from trio_ws.core.drain import DrainState
 from trio_ws.core.health import health_report
-from trio_ws.core.hub import NO_PONG_REASON, Hub
-from trio_ws.core.protocol import PING, ClientIdError, CloseCode, StaleAttemptError
+from trio_ws.core.hub import NO_PONG_REASON, Hub, claim_value
+from trio_ws.core.protocol import (
+    PING,
+    ClientIdError,
+    CloseCode,
+    IdInUseError,
+    StaleAttemptError,
+)
 from trio_ws.core.registry import Connection
 from trio_ws.hosting.signals import on_signal
 from trio_ws.settings import Settings
@@ -40,6 +46,7 @@ def test_connect_queues_a_welcome_first() -> None:
     alice = hub.connect("alice", "1.2.3.4:5")
     bob = hub.connect(None, "1.2.3.4:6")
     assert bob.client_id.startswith("anon-")
+    assert alice.resume_key is not None
     assert frames(alice) == [
         {
             "type": "welcome",
@@ -49,6 +56,7 @@ def test_connect_queues_a_welcome_first() -> None:
             "last_id": None,
             "server_time": "1970-01-01T00:16:40.000Z",
             "ts": 1000.0,
+            "resume_key": alice.resume_key,
         }
     ]
     assert frames(bob)[0]["active_connections"] == 2
@@ -61,11 +69,12 @@ def test_bad_client_id_is_refused() -> None:
     assert len(hub.registry) == 0
 
 
-def test_reconnect_with_same_id_replaces_the_old_connection() -> None:
+def test_reconnect_with_the_resume_key_replaces_the_old_connection() -> None:
     hub = make_hub()
     old = hub.connect("alice", "p1")
-    new = hub.connect("alice", "p2")
+    new = hub.connect("alice", "p2", resume_key=old.resume_key)
     assert (old.close_code, old.close_requested) == (CloseCode.REPLACED, True)
+    assert new.resume_key == old.resume_key  # the genuine client keeps its key
     assert hub.registry.get("alice") is new
     hub.disconnect(old)  # the old handler's cleanup must not remove the new one
     assert hub.registry.get("alice") is new
@@ -252,11 +261,11 @@ def test_a_stale_attempt_never_replaces_the_newer_connection() -> None:
     stale, retry = hub.new_attempt(), hub.new_attempt()
     newer = hub.connect("alice", "p:2", attempt=retry)
     with pytest.raises(StaleAttemptError):
-        hub.connect("alice", "p:1", attempt=stale)
+        hub.connect("alice", "p:1", attempt=stale, resume_key=newer.resume_key)
     assert not newer.closing
     assert hub.registry.get("alice") is newer
-    # A genuinely newer attempt still replaces it, as a reconnect must.
-    newest = hub.connect("alice", "p:3", attempt=hub.new_attempt())
+    # A genuinely newer attempt with the key still replaces it, as a reconnect must.
+    newest = hub.connect("alice", "p:3", attempt=hub.new_attempt(), resume_key=newer.resume_key)
     assert (newer.close_code, hub.registry.get("alice")) == (CloseCode.REPLACED, newest)
 
 
@@ -464,3 +473,93 @@ async def test_the_pinger_lets_other_tasks_run_between_batches(
         nursery.cancel_scope.cancel()
     assert seen_mid_tick  # the observer ran while the first tick was under way
     assert all(count % 10 == 0 for count in seen_mid_tick)
+
+
+ANOTHER_KEY = "A" * 32
+
+
+@pytest.mark.parametrize(
+    ("presented", "outcome"),
+    [
+        (None, "4009"),
+        ("", "4009"),
+        ("short", "4009"),
+        (ANOTHER_KEY, "4009"),
+        ("the key", "replaced"),
+    ],
+)
+def test_who_may_take_an_id_that_is_held(presented: str | None, outcome: str) -> None:
+    """Without tokens, an id that is held is taken only with its connection's resume key."""
+    hub = make_hub()
+    holder = hub.connect("alice", "p1")
+    key = holder.resume_key if presented == "the key" else presented
+    if outcome == "4009":
+        with pytest.raises(IdInUseError):
+            hub.connect("alice", "p2", resume_key=key)
+        assert hub.registry.get("alice") is holder
+        assert not holder.closing
+    else:
+        taker = hub.connect("alice", "p2", resume_key=key)
+        assert hub.registry.get("alice") is taker
+        assert holder.close_code == CloseCode.REPLACED
+
+
+def test_a_free_id_keeps_the_key_presented_or_gets_a_new_one() -> None:
+    hub = make_hub()
+    first = hub.connect("alice", "p1")
+    hub.disconnect(first)
+    second = hub.connect("alice", "p2", resume_key=first.resume_key)
+    assert second.resume_key == first.resume_key  # a tab's key stays the same
+    hub.disconnect(second)
+    third = hub.connect("alice", "p3", resume_key="not a key")
+    assert third.resume_key not in (None, first.resume_key)
+
+
+def test_with_tokens_a_user_holds_several_connections_each_replaced_only_by_its_key() -> None:
+    hub = make_hub()
+    tab1 = hub.connect("alice", "p1", authenticated=True)
+    tab2 = hub.connect("alice", "p2", authenticated=True)
+    assert (tab1.closing, tab2.closing) == (False, False)
+    assert len(hub.registry) == 2
+    assert tab1.resume_key != tab2.resume_key
+    again = hub.connect("alice", "p3", authenticated=True, resume_key=tab1.resume_key)
+    assert (tab1.close_code, tab2.closing) == (CloseCode.REPLACED, False)
+    assert again.resume_key == tab1.resume_key
+    assert {c.peer for c in hub.registry} == {"p2", "p3"}
+    assert all(c.authenticated for c in hub.registry)
+    hub.disconnect(tab1)  # the replaced tab's late cleanup removes nothing
+    assert len(hub.registry) == 2
+
+
+async def test_a_token_expiring_closes_its_connection_with_4502(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = Hub(
+        Settings(presence_interval=0),
+        broker=LocalBroker(lambda: 1_000.0),
+        wall_clock=lambda: 1_000.0 + trio.current_time(),
+    )
+    connection = hub.connect("alice", "p1", authenticated=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.close_when_expired, connection, 1_000.0 + trio.current_time() + 30)
+        await trio.sleep(29.9)
+        assert not connection.closing
+        await trio.sleep(0.2)
+        assert connection.close_code == CloseCode.TOKEN_EXPIRED
+
+
+def test_a_claim_taken_over_elsewhere_closes_only_the_connection_that_made_it() -> None:
+    hub = make_hub()
+    stale = hub.connect("alice", "p1")
+    assert stale.resume_key is not None
+    taken = claim_value(stale.resume_key, stale.attempt)
+    # Meanwhile the client came back here too, with its key: its newer connection stays.
+    newer = hub.connect("alice", "p2", resume_key=stale.resume_key)
+    hub.replaced_elsewhere([("alice", taken), ("nobody", taken)])
+    assert not newer.closing
+    hub.replaced_elsewhere([("alice", claim_value(stale.resume_key, newer.attempt))])
+    assert newer.close_code == CloseCode.REPLACED
+    tokened = hub.connect("bob", "p3", authenticated=True)
+    assert tokened.resume_key is not None
+    hub.replaced_elsewhere([("bob", claim_value(tokened.resume_key, tokened.attempt))])
+    assert not tokened.closing  # with tokens there are no claims to take over

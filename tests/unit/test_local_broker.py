@@ -28,6 +28,12 @@ class Collector:
     def deliver(self, broadcast: Broadcast) -> None:
         self.ids.append(broadcast.id)
 
+    def held_ids(self) -> dict[str, str]:
+        return {}
+
+    def replaced_elsewhere(self, claims: list[tuple[str, str]]) -> None:
+        pass
+
     def local_state(self) -> tuple[int, bool]:
         return 0, False
 

@@ -53,3 +53,23 @@ async def test_giving_up_answers_every_waiting_asker_with_none() -> None:
         await trio.testing.wait_all_tasks_blocked()
         mailbox.give_up()
     assert answers == [None, None]
+
+
+async def test_a_posted_question_is_taken_in_order_with_the_asked_ones() -> None:
+    mailbox: Mailbox[str, str] = Mailbox()
+    answers: list[str | None] = []
+
+    async def ask(question: str) -> None:
+        answers.append(await mailbox.ask(question))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask, "claim 1")
+        await trio.testing.wait_all_tasks_blocked()
+        mailbox.post("release 1")  # nobody waits for it
+        nursery.start_soon(ask, "claim 2")
+        await trio.testing.wait_all_tasks_blocked()
+        taken = await mailbox.take_all()
+        assert [request.question for request in taken] == ["claim 1", "release 1", "claim 2"]
+        for request in taken:
+            request.reply("ok")
+    assert answers == ["ok", "ok"]

@@ -127,8 +127,11 @@ def test_close_codes_are_documented_values() -> None:
         1009,
         1013,
         4008,
+        4009,
         4010,
         4500,
+        4501,
+        4502,
         4503,
     ]
 

@@ -179,6 +179,37 @@ def test_publish_api_and_health_settings(tmp_path: Any) -> None:
     assert "client_publish=none api=on health_detail=on" in settings.describe()
 
 
+def test_origins_and_tokens_are_read() -> None:
+    settings = Settings.from_env(
+        {
+            "TRIO_WS_ALLOWED_ORIGINS": "https://app.example, http://localhost:3000",
+            "TRIO_WS_JWT_SECRET_FILE": "/run/secrets/jwt",
+            "TRIO_WS_JWT_ALGORITHM": "HS512",
+            "TRIO_WS_JWT_AUDIENCE": "trio-ws",
+            "TRIO_WS_JWT_ISSUER": "https://issuer.example",
+        }
+    )
+    assert settings.allowed_origins == ("https://app.example", "http://localhost:3000")
+    assert (settings.jwt_secret_file, settings.jwt_algorithm) == ("/run/secrets/jwt", "HS512")
+    assert (settings.jwt_audience, settings.jwt_issuer) == ("trio-ws", "https://issuer.example")
+    assert settings.tokens_enabled
+    assert "tokens=HS512" in settings.describe()
+    assert not Settings().tokens_enabled
+    assert "allowed_origins=same-origin" in Settings().describe()
+
+
+def test_the_jwt_secret_is_never_printed() -> None:
+    secret = "x" * 40
+    settings = Settings.from_env({"TRIO_WS_JWT_SECRET": secret})
+    assert settings.tokens_enabled
+    assert secret not in repr(settings)
+    assert secret not in settings.describe()
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"TRIO_WS_JWT_SECRET": "short-secret"})
+    assert "short-secret" not in str(info.value)
+    assert "at least 32 bytes" in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
@@ -260,3 +291,28 @@ def test_pong_timeout() -> None:
     assert "pong_timeout=7.5s" in settings.describe()
     with pytest.raises(SettingsError, match="TRIO_WS_PONG_TIMEOUT must be seconds >= 0"):
         Settings.from_env({"TRIO_WS_PONG_TIMEOUT": "-1"})
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"TRIO_WS_ALLOWED_ORIGINS": "example.com"}, "TRIO_WS_ALLOWED_ORIGINS must be origins"),
+        ({"TRIO_WS_ALLOWED_ORIGINS": "https://a.example/path"}, "must be origins"),
+        ({"TRIO_WS_JWT_ALGORITHM": "none"}, "TRIO_WS_JWT_ALGORITHM must be one of"),
+        (
+            {"TRIO_WS_JWT_SECRET": "x" * 40, "TRIO_WS_JWT_ALGORITHM": "RS256"},
+            "HS256, HS384 or HS512 with a secret",
+        ),
+        (
+            {"TRIO_WS_JWT_PUBLIC_KEY_FILE": "/k.pem"},
+            "a public-key algorithm",
+        ),
+        (
+            {"TRIO_WS_JWT_SECRET": "x" * 40, "TRIO_WS_JWT_SECRET_FILE": "/s"},
+            "set alone",
+        ),
+    ],
+)
+def test_origin_and_token_settings_are_checked(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(environ)

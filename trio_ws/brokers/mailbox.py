@@ -66,6 +66,12 @@ class Mailbox(Generic[Question, Answer]):
             request.abandoned = True  # answered, or cancelled: the broker may forget it
         return request.answer
 
+    def post(self, question: Question) -> None:
+        """Leave a question that nobody waits for (its answer is dropped); it is taken in
+        order with the others."""
+        self._waiting.append(Request(question))
+        self._arrived.set()
+
     async def take_all(self) -> list[Request[Question, Answer]]:
         """Wait for questions, then take every one still wanted."""
         while True:

@@ -70,7 +70,7 @@ from trio_ws.brokers.cluster_log import (
 )
 from trio_ws.brokers.entries import Entry, decode_entry, encode_entry
 from trio_ws.brokers.mailbox import Mailbox
-from trio_ws.brokers.membership import Membership
+from trio_ws.brokers.membership import IdRequest, Membership
 from trio_ws.core.broker import (
     Broker,
     BrokerState,
@@ -182,6 +182,8 @@ class RedisBroker(Broker):
         self._space = trio.lowlevel.ParkingLot()
         self._histories: Mailbox[HistoryRequest, History] = Mailbox()
         self._commands: Mailbox[Command, bool] = Mailbox()
+        #: Claims and releases of client ids, in order; those waiting share one pipeline.
+        self._ids: Mailbox[IdRequest, bool] = Mailbox()
         self.history_requests = 0
         self.history_reads = 0
         self.stalls = 0
@@ -262,6 +264,17 @@ class RedisBroker(Broker):
         won = await self._commands.ask(functools.partial(self._claim_periodic, slot, interval))
         return True if won is None else won  # None: Redis went down meanwhile
 
+    async def claim_id(self, client_id: str, claim: str, presented: str | None) -> bool:
+        if self.state is BrokerState.DOWN:
+            return True  # each process decides for its own clients during an outage
+        granted = await self._ids.ask(IdRequest(client_id, claim, presented, claim=True))
+        return True if granted is None else granted  # None: Redis went down meanwhile
+
+    def release_id(self, client_id: str, claim: str) -> None:
+        if self._joined is None or self.state is BrokerState.DOWN:
+            return  # the next session writes the held ids anew
+        self._ids.post(IdRequest(client_id, claim, None, claim=False))
+
     async def leave(self) -> None:
         membership = self._require_joined().membership
         membership.leaving = True  # no heartbeat may register this process again
@@ -336,6 +349,7 @@ class RedisBroker(Broker):
         # session, since the broker is down (or shutting down).
         self._histories.give_up()
         self._commands.give_up()
+        self._ids.give_up()
         if failure is not None and first and not connected:
             raise BrokerUnavailableError(
                 f"cannot reach Redis at {redact_url(self.url)}: {_describe(failure)}"
@@ -357,6 +371,7 @@ class RedisBroker(Broker):
         log = self._require_joined().log
         log.start(await self._run_id(client), await self._stream_info(client))
         await self._heartbeat(client)
+        await self._write_ids(client)
         budget = ""
         if self._stream_max_bytes is not None:
             budget = f", {self._stream_max_bytes / (1 << 20):g} MiB"
@@ -376,6 +391,9 @@ class RedisBroker(Broker):
     async def _resync(self, client: coredis.Redis[str]) -> None:
         """After an outage: the log chooses where to replay from and what to send again."""
         run_id, stream = await self._run_id(client), await self._stream_info(client)
+        # This process is a member again, holding its ids, before any claim is answered.
+        await self._heartbeat(client)
+        await self._write_ids(client)
         resync = self._require_joined().log.on_resync(run_id, stream, trio.current_time())
         _report_resync(resync, redact_url(self.url), self.stream)
 
@@ -389,6 +407,7 @@ class RedisBroker(Broker):
             nursery.start_soon(self._heartbeat_loop, client)
             nursery.start_soon(self._history_loop, client)
             nursery.start_soon(self._command_loop, client)
+            nursery.start_soon(self._ids_loop, client)
             nursery.start_soon(self._watchdog)
 
     def _fail(self, condition: str, reason: str) -> None:
@@ -590,6 +609,27 @@ class RedisBroker(Broker):
             self._command_failed(error)
             return None
 
+    async def _ids_loop(self, client: coredis.Redis[str]) -> None:
+        """Runs the claims and releases of client ids that arrived meanwhile, in order, in one
+        pipeline: a reconnect storm of thousands of clients costs a few round trips."""
+        membership = self._require_joined().membership
+        while True:
+            requests = await self._ids.take_all()
+            try:
+                try:
+                    with trio.fail_after(self._command_timeout):
+                        answers = await membership.run_id_requests(
+                            client, [request.question for request in requests]
+                        )
+                except BROKER_ERRORS as error:
+                    self._command_failed(error)
+                    return
+                for request, answer in zip(requests, answers, strict=True):
+                    request.reply(answer)
+            finally:
+                for request in requests:
+                    request.give_up()  # unless answered: a claim is then granted
+
     async def _watchdog(self) -> None:
         log = self._require_joined().log
         while True:
@@ -603,18 +643,24 @@ class RedisBroker(Broker):
     # -- commands ------------------------------------------------------------------------------
 
     async def _heartbeat(self, client: coredis.Redis[str]) -> None:
-        connections, draining = self._require_joined().member.local_state()
-        view = await self._require_joined().membership.heartbeat(
-            client, connections, draining, trio.current_time()
-        )
+        joined = self._require_joined()
+        connections, draining = joined.member.local_state()
+        view = await joined.membership.heartbeat(client, connections, draining, trio.current_time())
         if view is not None:
             self._cluster = view
+        evictions = await joined.membership.take_evictions(client)
+        if evictions:
+            joined.member.replaced_elsewhere(evictions)
 
     async def _claim_periodic(self, slot: int, interval: float, client: coredis.Redis[str]) -> bool:
         won = await self._require_joined().membership.claim_periodic(client, slot, interval)
         if won:
             await self._heartbeat(client)  # the periodic message reports a fresh cluster count
         return won
+
+    async def _write_ids(self, client: coredis.Redis[str]) -> None:
+        joined = self._require_joined()
+        await joined.membership.write_ids(client, joined.member.held_ids())
 
     async def _leave(self, client: coredis.Redis[str]) -> bool:
         await self._require_joined().membership.leave(client)

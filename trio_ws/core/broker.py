@@ -61,6 +61,15 @@ class Member(Protocol):
     def local_state(self) -> tuple[int, bool]:
         """This process's connection count, and whether it is draining."""
 
+    def held_ids(self) -> dict[str, str]:
+        """The client ids this process's connections hold (without tokens), each with its
+        claim (the digest of its resume key, and which connection): what the cluster's id
+        claims must say about this process."""
+
+    def replaced_elsewhere(self, claims: list[tuple[str, str]]) -> None:
+        """These ``(client id, claim)`` were taken over on another process by a reconnect that
+        presented the key: close the connections that made them."""
+
 
 #: What a broadcast counts in a history's byte budget besides its text and sender: about what
 #: its frame adds (id, timestamp, field names).
@@ -164,6 +173,20 @@ class Broker(abc.ABC):
     async def claim_periodic(self, slot: int, interval: float) -> bool:
         """Whether this process sends the periodic message of ``slot``: one for the cluster."""
         return True
+
+    async def claim_id(self, client_id: str, claim: str, presented: str | None) -> bool:
+        """Claim ``client_id`` for this process across the cluster (``claim``: the digest of
+        the connection's resume key, a dot, and a number naming the connection): False if a
+        connection on another process holds it and ``presented`` (the digest of the key the
+        attempt presented) is not its digest; True otherwise, the claim then this process's,
+        and the other process is told to close its connection. One process is the whole
+        cluster by default: the hub's registry has decided already."""
+        return True
+
+    def release_id(self, client_id: str, claim: str) -> None:  # noqa: B027  (a hook)
+        """This process's connection for ``client_id`` (``claim``) is gone: drop its claim,
+        unless it has changed meanwhile. Sync: the broker does it later, in order with the
+        claims."""
 
     async def leave(self) -> None:  # noqa: B027  (a hook: nothing to do by default)
         """The drain is over: stop counting this process in the cluster."""

@@ -96,3 +96,23 @@ class TrustedProxies:
             if not self.trusts(address):
                 break
         return None if client is None else str(client)
+
+    def forwarded_origin(
+        self, peer: str, headers: Iterable[tuple[bytes, bytes]]
+    ) -> tuple[str | None, str | None]:
+        """The host and scheme the client's request was made to, as a trusted proxy reports
+        them in ``X-Forwarded-Host`` / ``X-Forwarded-Proto`` (the nearest proxy's entry, the
+        last of a list); ``(None, None)`` when the peer is no trusted proxy."""
+        if not self.networks:
+            return None, None
+        peer_address = parse_address(peer)
+        if peer_address is None or not self.trusts(peer_address):
+            return None, None
+        host = scheme = None
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered == b"x-forwarded-host":
+                host = value.decode("latin-1").split(",")[-1].strip() or None
+            elif lowered == b"x-forwarded-proto":
+                scheme = value.decode("latin-1").split(",")[-1].strip().lower() or None
+        return host, scheme

@@ -16,6 +16,8 @@ Sync methods never block; only ``run``, ``resume``, ``publish`` and ``wait_*`` a
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -28,20 +30,26 @@ from trio_ws.core.drain import Drain, DrainPolicy
 from trio_ws.core.forwarded import TrustedProxies
 from trio_ws.core.limits import Admission, LimitPolicy
 from trio_ws.core.liveness import LivenessPolicy, LivenessSchedule
-from trio_ws.core.protocol import PING, CloseCode, Frame
+from trio_ws.core.origins import OriginPolicy
+from trio_ws.core.protocol import PING, RESUME_KEY_PATTERN, CloseCode, Frame
 from trio_ws.core.registry import Connection, Registry
 from trio_ws.core.throttle import Throttle
+from trio_ws.core.tokens import EXPIRED_REASON
 from trio_ws.core.words import loggable, plural
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from trio_ws.core.tokens import TokenPolicy
     from trio_ws.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
 
 REFUSED_REASON = "server is shutting down; reconnect to another instance"
 NO_PONG_REASON = "no answer to a ping in time; reconnect"
+
+#: The close reason of 4009: another connection holds the id, and no valid key was presented.
+ID_IN_USE_REASON = "client id in use; retry later"
 
 #: Most bytes one socket write may carry when a client's writer catches up on a backlog. The
 #: write is shielded (no half frames on the wire), so this also bounds what a client that reads
@@ -53,6 +61,9 @@ REFUSED_LOG_EVERY_S = 10.0
 #: The pinger lets other tasks run after this many pings: a tick's pings never hold the event
 #: loop for longer than one batch (about a millisecond), whatever the number of connections.
 PING_BATCH = 256
+#: At most one log line per this many seconds for refused origins, and for refused tokens: a
+#: flood of them costs a handshake each, not a log line each.
+REFUSAL_LOG_EVERY_S = 10.0
 
 
 class Hub:
@@ -65,8 +76,16 @@ class Hub:
         broker: Broker,
         instance_id: str | None = None,
         wall_clock: Callable[[], float] = time.time,
+        token_policy: TokenPolicy | None = None,
     ) -> None:
         self.settings = settings
+        #: How tokens are verified; None: tokens are off (the default).
+        self.token_policy = token_policy
+        #: Which pages may open a WebSocket (the ``Origin`` check, before the handshake).
+        self.origins = OriginPolicy(settings.allowed_origins)
+        #: The pace of the refusal lines (see :data:`REFUSAL_LOG_EVERY_S`).
+        self.origin_refusals = Throttle(REFUSAL_LOG_EVERY_S)
+        self.token_refusals = Throttle(REFUSAL_LOG_EVERY_S)
         self.registry = Registry(on_evicted=self._evicted)
         #: Names this process in the welcome frame, /health and the cluster.
         self.instance_id = instance_id if instance_id is not None else protocol.new_instance_id()
@@ -139,18 +158,27 @@ class Hub:
         *,
         resuming: bool = False,
         attempt: int | None = None,
+        resume_key: str | None = None,
+        authenticated: bool = False,
     ) -> Connection:
         """Register a new client and queue its welcome frame (``resuming``: :meth:`resume`
         queues it, with the history).
 
+        Who may take a slot (docs/protocol.md, "Resume keys"): without tokens, an id is held by
+        one connection, and another attempt for it is refused with
+        :class:`~trio_ws.core.protocol.IdInUseError` (4009) unless it presents that
+        connection's ``resume_key``: a genuine reconnect, which replaces the stale connection
+        at once (4500) and keeps its key. With tokens (``authenticated``: the id is the token's
+        ``sub``), a user may hold several connections, one slot each, named by its key: a
+        reconnect that presents a key replaces only the connection that had it.
+
         ``attempt`` (from :meth:`new_attempt`, when the attempt reached the server) orders the
-        attempts for one id, and the newest wins: a connected one that started earlier is asked
-        to close with 4500, so a reconnecting client is never locked out by its own stale
-        connection; and an attempt that started before the one already connected (a client
-        that gave up on it and retried, and whose retry got through first) is refused with
-        :class:`~trio_ws.core.protocol.StaleAttemptError`, never replacing the newer one.
+        attempts for one slot: an attempt that started before the connection already there (a
+        client that gave up on it and retried, and whose retry got through first) is refused
+        with :class:`~trio_ws.core.protocol.StaleAttemptError`, never replacing the newer one.
 
         Errors: :class:`trio_ws.core.protocol.ClientIdError` for a bad id;
+        :class:`~trio_ws.core.protocol.IdInUseError`,
         :class:`~trio_ws.core.protocol.StaleAttemptError` (above); :class:`RuntimeError` if the
         hub is draining (callers check :attr:`draining` and refuse with 1001 first).
         """
@@ -158,12 +186,19 @@ class Hub:
             raise RuntimeError("the hub is draining; refuse the connection with 1001")
         if attempt is None:
             attempt = self.new_attempt()
+        if resume_key is not None and RESUME_KEY_PATTERN.fullmatch(resume_key) is None:
+            resume_key = None  # not one this server issued: as if none was presented
         if client_id is None:
             client_id = protocol.new_client_id()
         else:
             protocol.validate_client_id(client_id)
-            current = self.registry.get(client_id)
-            if current is not None and current.attempt > attempt:
+        # A key presented is kept (a tab's key stays the same for its whole life, and the
+        # cluster's claim can then verify it on any instance); a new one otherwise.
+        key = resume_key or protocol.new_resume_key()
+        slot = _slot(client_id, key) if authenticated else client_id
+        current = self.registry.get(slot)
+        if current is not None:
+            if current.attempt > attempt:
                 LOGGER.info(
                     "client %s: a stale attempt from %s refused, a newer connection from %s "
                     "is already here",
@@ -172,6 +207,22 @@ class Hub:
                     current.peer,
                 )
                 raise protocol.StaleAttemptError("a newer connection for this id is already here")
+            if not authenticated:
+                if resume_key is None or not hmac.compare_digest(
+                    resume_key, current.resume_key or ""
+                ):
+                    LOGGER.info(
+                        "client %s: attempt from %s refused with 4009, the id is held by a "
+                        "connection from %s and %s",
+                        client_id,
+                        peer,
+                        current.peer,
+                        "no resume key was presented"
+                        if resume_key is None
+                        else "the resume key presented is not its",
+                    )
+                    raise protocol.IdInUseError(ID_IN_USE_REASON)
+                key = resume_key
         now = self._wall_clock()
         connection = Connection(
             client_id,
@@ -181,6 +232,9 @@ class Hub:
             max_bytes=self.settings.outbox_bytes,
             batch_limit=BATCH_LIMIT_BYTES,
             attempt=attempt,
+            resume_key=key,
+            slot=slot,
+            authenticated=authenticated,
         )
         previous = self.registry.add(connection)
         if not resuming:
@@ -189,18 +243,83 @@ class Hub:
         if previous is not None:
             previous.request_close(CloseCode.REPLACED, "replaced by a newer connection")
             LOGGER.info(
-                "client %s reconnected from %s: older connection from %s closed with 4500",
+                "client %s reconnected from %s with its resume key: older connection from %s "
+                "closed with 4500",
                 client_id,
                 peer,
                 previous.peer,
             )
         LOGGER.info(
-            "client %s connected from %s, %s",
+            "client %s connected from %s%s, %s",
             client_id,
             peer,
+            " (token)" if authenticated else "",
             plural(len(self.registry), "active connection"),
         )
         return connection
+
+    async def claim_across_cluster(self, connection: Connection, presented: str | None) -> bool:
+        """Whether ``connection`` (just registered by :meth:`connect`) may keep its id across
+        the cluster: False when a connection on another process holds the id and ``presented``
+        is not its resume key (the caller then disconnects it and closes it with 4009).
+        Authenticated connections (tokens) claim nothing: a user may hold several."""
+        if connection.authenticated or connection.resume_key is None:
+            return True
+        valid = presented is not None and RESUME_KEY_PATTERN.fullmatch(presented) is not None
+        granted = await self.broker.claim_id(
+            connection.client_id,
+            claim_value(connection.resume_key, connection.attempt),
+            key_digest(presented) if valid and presented is not None else None,
+        )
+        if not granted:
+            LOGGER.info(
+                "client %s: attempt from %s refused with 4009, the id is held by a connection "
+                "on another instance and %s",
+                connection.client_id,
+                connection.peer,
+                "no resume key was presented" if presented is None else "the key is not its",
+            )
+        return granted
+
+    def held_ids(self) -> dict[str, str]:
+        """The ids this process's connections hold without tokens, with their claims."""
+        return {
+            connection.client_id: claim_value(connection.resume_key, connection.attempt)
+            for connection in self.registry
+            if not connection.authenticated and connection.resume_key is not None
+        }
+
+    def replaced_elsewhere(self, claims: list[tuple[str, str]]) -> None:
+        """Each ``(client id, claim)`` was taken over by a reconnect on another instance that
+        presented the key: close the connection that made that claim, if it is still here,
+        with 4500 (a connection made since, with another claim, stays)."""
+        for client_id, claim in claims:
+            connection = self.registry.get(client_id)
+            if (
+                connection is None
+                or connection.authenticated
+                or connection.resume_key is None
+                or claim_value(connection.resume_key, connection.attempt) != claim
+            ):
+                continue
+            if connection.request_close(CloseCode.REPLACED, "replaced by a newer connection"):
+                LOGGER.info(
+                    "client %s (%s): reconnected with its resume key on another instance, "
+                    "closed with 4500",
+                    client_id,
+                    connection.peer,
+                )
+
+    async def close_when_expired(self, connection: Connection, expires_at: float) -> None:
+        """Close ``connection`` with 4502 when its token expires (``expires_at``, wall-clock
+        seconds); the shell runs this beside the connection's reader and writer."""
+        await trio.sleep(max(0.0, expires_at - self._wall_clock()))
+        if connection.request_close(CloseCode.TOKEN_EXPIRED, EXPIRED_REASON):
+            LOGGER.info(
+                "client %s (%s): token expired, closed with 4502",
+                connection.client_id,
+                connection.peer,
+            )
 
     def new_attempt(self) -> int:
         """Number a connection attempt as it reaches the server, before any wait: attempts for
@@ -217,6 +336,7 @@ class Hub:
                 last_id=self.broker.last_id,
                 ts=self._wall_clock(),
                 resumed=resumed,
+                resume_key=connection.resume_key,
             )
         )
 
@@ -282,6 +402,10 @@ class Hub:
         self.liveness.forget(connection)
         if not self.registry.remove(connection):
             return
+        if not connection.authenticated and connection.resume_key is not None:
+            self.broker.release_id(
+                connection.client_id, claim_value(connection.resume_key, connection.attempt)
+            )
         self._presence_changed.set()
         if self.drain.requested:
             self.drain.note_gone(connection, len(self.registry))
@@ -493,3 +617,21 @@ class Hub:
         await self.drain.wait_requested()
         periodic.cancel()
         await self.drain.watch(self.registry)
+
+
+def key_digest(resume_key: str) -> str:
+    """What the cluster stores of a resume key: a digest, never the key itself."""
+    return hashlib.sha256(resume_key.encode()).hexdigest()[:32]
+
+
+def claim_value(resume_key: str, attempt: int) -> str:
+    """What a connection's claim on its id says in the cluster: its key's digest (another
+    instance compares a presented key with it) and its attempt number (which connection of
+    this process made the claim)."""
+    return f"{key_digest(resume_key)}.{attempt}"
+
+
+def _slot(client_id: str, resume_key: str) -> str:
+    """The registry slot of an authenticated connection: its id and a digest of its key (the
+    key itself stays out of anything that might be printed)."""
+    return f"{client_id}#{key_digest(resume_key)}"

@@ -39,11 +39,19 @@ class CloseCode(enum.IntEnum):
     TRY_AGAIN_LATER = 1013
     #: The client did not read fast enough and its queue overflowed: reconnect with backoff.
     SLOW_CONSUMER = 4008
+    #: Another connection holds this client id and the attempt did not present its resume
+    #: key: reconnect with backoff (the id frees itself when that connection ends).
+    ID_IN_USE = 4009
     #: The client sent nothing (no pong, no frame) within the pong timeout after a ping: the
     #: connection is probably dead. Reconnect with backoff.
     NO_PONG = 4010
     #: A newer connection with the same client id took over: do not reconnect.
     REPLACED = 4500
+    #: Tokens are required and this one is missing or not valid (or names another id): do not
+    #: reconnect with the same token; fix the client.
+    UNAUTHORIZED = 4501
+    #: The connection's token expired: reconnect only with a new token.
+    TOKEN_EXPIRED = 4502
     #: An operator closed this client through the API (``DELETE /clients/<id>``): do not
     #: reconnect by yourself.
     CLOSED_BY_OPERATOR = 4503
@@ -68,6 +76,10 @@ class StaleAttemptError(ValueError):
     its client retried, and the retry got through first."""
 
 
+class IdInUseError(ValueError):
+    """Another connection holds the client id, and the attempt did not present its resume key."""
+
+
 class ResumeError(ValueError):
     """The ``since`` of a resuming client is not a message id."""
 
@@ -89,6 +101,16 @@ def parse_message_id(message_id: str) -> tuple[int, int]:
     """
     ms, _, seq = message_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+#: A resume key as the server issues them (``secrets.token_urlsafe(24)``: 32 characters).
+RESUME_KEY_PATTERN = re.compile(r"[A-Za-z0-9_\-]{32}")
+
+
+def new_resume_key() -> str:
+    """The secret a connection's welcome carries: a reconnect that presents it may replace
+    that connection (docs/protocol.md, "Resume keys")."""
+    return secrets.token_urlsafe(24)
 
 
 def new_client_id() -> str:
@@ -169,6 +191,7 @@ def welcome_frame(
     last_id: str | None,
     ts: float,
     resumed: dict[str, object] | None = None,
+    resume_key: str | None = None,
 ) -> str:
     frame: dict[str, object] = {
         "type": "welcome",
@@ -181,6 +204,8 @@ def welcome_frame(
     }
     if resumed is not None:
         frame["resumed"] = resumed
+    if resume_key is not None:
+        frame["resume_key"] = resume_key
     return _encode(frame)
 
 

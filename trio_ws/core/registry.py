@@ -11,9 +11,12 @@ Theory of operation:
 * A client whose outbox is full when a frame arrives is *slow*: it is removed at once (so it gets
   no further frames and holds no more memory) and asked to close with 4008. It is never silently
   fed less.
-* Ids are unique: adding a connection with an id already present returns the older connection,
-  which the caller closes with 4500. Removal is by identity, so the older connection's late
-  cleanup cannot remove its successor.
+* Connections are registered by *slot*. Without tokens the slot is the client id, so ids are
+  unique; with tokens a user (the token's ``sub``) may hold several connections, and each has a
+  slot of its own, named after its resume key (:meth:`trio_ws.core.hub.Hub.connect`). Adding a
+  connection to a slot already taken returns the older connection, which the caller closes with
+  4500. Removal is by identity, so the older connection's late cleanup cannot remove its
+  successor.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class Connection:
         "peer",
         "ping_slot",
         "resume_floor",
+        "resume_key",
+        "slot",
     )
 
     def __init__(
@@ -67,10 +72,16 @@ class Connection:
         batch_limit: int = 0,
         max_bytes: int | None = None,
         attempt: int = 0,
+        resume_key: str | None = None,
+        slot: str | None = None,
         authenticated: bool = False,
     ) -> None:
         self.client_id = client_id
-        #: True when the connection presented a valid token (``TRIO_WS_CLIENT_PUBLISH=token``).
+        #: Where the registry keeps it: the client id, or with tokens one slot per connection.
+        self.slot = client_id if slot is None else slot
+        #: The secret its welcome carries; a reconnect that presents it may replace it.
+        self.resume_key = resume_key
+        #: True when the connection presented a valid token (its id is the token's ``sub``).
         self.authenticated = authenticated
         #: When the attempt reached the server, as a sequence number: the newest wins.
         self.attempt = attempt
@@ -150,7 +161,7 @@ class RegistryStatistics:
 
 
 class Registry:
-    """The live connections, by client id."""
+    """The live connections, by slot (the client id unless tokens allow several per id)."""
 
     def __init__(self, on_evicted: Callable[[Connection], None] | None = None) -> None:
         self._connections: dict[str, Connection] = {}
@@ -172,19 +183,20 @@ class Registry:
     def __contains__(self, connection: object) -> bool:
         return (
             isinstance(connection, Connection)
-            and self._connections.get(connection.client_id) is connection
+            and self._connections.get(connection.slot) is connection
         )
 
-    def get(self, client_id: str) -> Connection | None:
-        return self._connections.get(client_id)
+    def get(self, slot: str) -> Connection | None:
+        """The connection in ``slot``: without tokens, the slot is the client id."""
+        return self._connections.get(slot)
 
     def add(self, connection: Connection) -> Connection | None:
-        """Register ``connection``; return the older connection with the same id, if any.
+        """Register ``connection``; return the older connection in the same slot, if any.
 
         The older connection is no longer registered; the caller decides how to close it.
         """
-        previous = self._connections.pop(connection.client_id, None)
-        self._connections[connection.client_id] = connection
+        previous = self._connections.pop(connection.slot, None)
+        self._connections[connection.slot] = connection
         self._total_connected += 1
         if previous is not None:
             self._replaced += 1
@@ -193,10 +205,10 @@ class Registry:
         return previous
 
     def remove(self, connection: Connection) -> bool:
-        """Unregister ``connection`` if it is the one registered under its id."""
-        if self._connections.get(connection.client_id) is not connection:
+        """Unregister ``connection`` if it is the one registered in its slot."""
+        if self._connections.get(connection.slot) is not connection:
             return False
-        del self._connections[connection.client_id]
+        del self._connections[connection.slot]
         if not self._connections:
             self._empty.set()
         return True

@@ -1,5 +1,7 @@
 """Words for log lines: operators read "1 connection", not "1 connections", and a client's
-bytes never reach a log line unescaped or uncut."""
+bytes never reach a log line unescaped or uncut, and its secrets never reach one at all."""
+
+import urllib.parse
 
 #: Most characters of a client-supplied string that a log line carries (see :func:`loggable`).
 LOGGABLE_LIMIT = 80
@@ -32,3 +34,19 @@ def loggable(text: str, limit: int = LOGGABLE_LIMIT) -> str:
     if consumed < len(text):
         out.append(f"...[{len(text)} chars]")
     return "".join(out)
+
+
+#: Query parameters that carry secrets (a token, a resume key): never logged.
+SECRET_PARAMETERS = frozenset({"token", "key"})
+
+
+def redact_query(query: str) -> str:
+    """A query string with the values of :data:`SECRET_PARAMETERS` replaced by ``***``,
+    whichever way their names were encoded (``tok%65n`` is ``token`` to the server too)."""
+    if not query:
+        return query
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    return urllib.parse.urlencode(
+        [(name, "***" if name in SECRET_PARAMETERS else value) for name, value in pairs],
+        safe="*/:",
+    )

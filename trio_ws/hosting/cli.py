@@ -1,4 +1,5 @@
-"""Command line of the launcher: ``python -m trio_ws`` and ``trio-ws``.
+"""Command line of the launcher: ``python -m trio_ws`` and ``trio-ws``; and ``trio-ws token``,
+which mints a development token with the configured key.
 
 Flags override the ``TRIO_WS_*`` environment variables, which override the defaults.
 """
@@ -8,14 +9,27 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import sys
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
 from trio_ws import __version__
+from trio_ws.core.protocol import CLIENT_ID_PATTERN
+from trio_ws.core.tokens import mint_token, policy_from_settings
 from trio_ws.hosting import launcher as serving
 from trio_ws.hosting.logs import configure_logging
-from trio_ws.settings import LOG_LEVELS, Settings, SettingsError, on_off, parse_proxies
+from trio_ws.settings import (
+    LOG_LEVELS,
+    Settings,
+    SettingsError,
+    on_off,
+    parse_list,
+    parse_proxies,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -28,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trio-ws",
         description="WebSocket broadcast server with a graceful drain on SIGTERM/SIGINT. "
         "Every flag has a TRIO_WS_* environment variable (--drain-timeout: "
-        "TRIO_WS_DRAIN_TIMEOUT, ...); flags win.",
+        "TRIO_WS_DRAIN_TIMEOUT, ...); flags win. `trio-ws token --help`: mint a development "
+        "token.",
     )
     add = parser.add_argument
     add("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all IPv4)")
@@ -103,11 +118,87 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="Redis memory the stream may take (67108864)",
     )
+    add(
+        "--allowed-origins",
+        type=parse_list,
+        metavar="ORIGINS",
+        help="origins whose pages may connect, comma-separated; * any (same origin)",
+    )
+    add("--jwt-secret-file", metavar="FILE", help="HMAC secret for tokens; turns tokens on")
+    add(
+        "--jwt-public-key-file",
+        metavar="PEM",
+        help="public key for RS256/ES256 tokens; turns tokens on",
+    )
+    add("--jwt-algorithm", metavar="ALG", help="the one algorithm tokens use (HS256)")
+    add("--jwt-audience", metavar="AUD", help="required token aud (none)")
+    add("--jwt-issuer", metavar="ISS", help="required token iss (none)")
     add("--version", action="version", version=f"trio_ws {__version__}")
     return parser
 
 
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``1h``, ``7d`` -> seconds."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", text)
+    if match is None or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (say 90s, 30m, 1h or 7d)")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * unit
+
+
+def client_id(text: str) -> str:
+    if CLIENT_ID_PATTERN.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError("must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    return text
+
+
+def build_token_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trio-ws token",
+        description="Print a signed token for development, made with the key the server is "
+        "configured with (TRIO_WS_JWT_SECRET or TRIO_WS_JWT_SECRET_FILE, TRIO_WS_JWT_ALGORITHM, "
+        "_AUDIENCE, _ISSUER). Production tokens come from your identity provider.",
+    )
+    parser.add_argument("--sub", required=True, type=client_id, help="the client id it proves")
+    parser.add_argument(
+        "--ttl", type=parse_duration, default=3600.0, help="lifetime: 90s, 30m, 1h, 7d (1h)"
+    )
+    parser.add_argument(
+        "--private-key-file",
+        metavar="PEM",
+        help="signing key, for a public-key algorithm (RS256, ES256, ...)",
+    )
+    return parser
+
+
+def token_main(argv: Sequence[str]) -> int:
+    """``trio-ws token --sub alice --ttl 1h``: print a token, exit 0; 2 when tokens are not
+    configured or cannot be signed here."""
+    parser = build_token_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ)
+        policy = policy_from_settings(settings, lambda path: Path(path).read_text())
+        if policy is None:
+            parser.exit(
+                2,
+                "trio-ws token: error: tokens are off; set TRIO_WS_JWT_SECRET or "
+                "TRIO_WS_JWT_SECRET_FILE first\n",
+            )
+        private_key = None
+        if args.private_key_file is not None:
+            private_key = Path(args.private_key_file).read_text()
+        token = mint_token(policy, args.sub, args.ttl, time.time(), private_key=private_key)
+    except (SettingsError, ValueError, OSError) as error:
+        parser.exit(2, f"trio-ws token: error: {error}\n")
+    sys.stdout.write(token + "\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["token"]:
+        return token_main(arguments[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -117,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in (settings.certfile, settings.keyfile):
         if path is not None and not os.path.isfile(path):
             parser.exit(2, f"trio-ws: error: no such file: {path}\n")
+    try:  # the token key, read now to report a missing or short file in one line
+        policy_from_settings(settings, lambda path: Path(path).read_text())
+    except (OSError, ValueError) as error:
+        parser.exit(2, f"trio-ws: error: cannot use the token key: {error}\n")
     configure_logging(settings.log_level_number)
     try:
         trio.run(serving.serve, settings)

@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
@@ -16,6 +17,7 @@ from trio_ws.brokers.local import LocalBroker
 from trio_ws.core.broker import BrokerUnavailableError
 from trio_ws.core.drain import CLOSE_GRACE_S
 from trio_ws.core.hub import Hub
+from trio_ws.core.tokens import policy_from_settings
 from trio_ws.hosting import fdlimit, hypercorn_cli, modes, signals
 from trio_ws.hosting.logs import configure_logging
 from trio_ws.hosting.modes import RunMode
@@ -54,7 +56,8 @@ def create_broker(settings: Settings) -> Broker:
 
 
 def create_hub(settings: Settings) -> Hub:
-    return Hub(settings, broker=create_broker(settings))
+    token_policy = policy_from_settings(settings, lambda path: Path(path).read_text())
+    return Hub(settings, broker=create_broker(settings), token_policy=token_policy)
 
 
 def tune_gc() -> None:

@@ -18,18 +18,20 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from trio_ws.core import protocol
-from trio_ws.core.hub import REFUSED_REASON
+from trio_ws.core.hub import ID_IN_USE_REASON, REFUSED_REASON
 from trio_ws.core.limits import address_key
 from trio_ws.core.permissions import PUBLISH_REFUSED, ClientPublish, may_publish, refusal_reason
 from trio_ws.core.protocol import (
     ClientIdError,
     CloseCode,
     Frame,
+    IdInUseError,
     ResumeError,
     StaleAttemptError,
 )
 from trio_ws.core.publish_limits import RATE_LIMITED_REASON, PublishLimit, PublishPolicy
-from trio_ws.core.words import loggable
+from trio_ws.core.tokens import Identity, TokenError, token_from_request, verify_token
+from trio_ws.core.words import loggable, redact_query
 from trio_ws.shell import hypercorn_limits
 
 if TYPE_CHECKING:
@@ -75,16 +77,30 @@ class WebSocketEndpoint:
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         attempt = self.hub.new_attempt()
         client_id = client_id_from_path(scope["path"])
-        # The "websocket.connect" event is left for the reader to skip, as Quart does: some ASGI
-        # hosts (Quart's test client) never send it. Accept first: refusing before the
-        # handshake answers HTTP 403, which clients treat as fatal; a close frame carries a
-        # code they can act on.
-        await send({"type": "websocket.accept"})
-        sink = self.direct.open_sink(send)
         hub = self.hub
         address, peer = client_address(hub, scope)
         # Escaped and cut once here: the peer goes into log lines all the way down the core.
         peer = loggable(peer)
+        # A page from another site: HTTP 403 before the handshake completes. That is fatal to
+        # a client, and meant to be: no retry will make its origin right.
+        if not origin_allowed(hub, scope):
+            await _refuse_origin(hub, scope, send, peer)
+            return
+        presented = token_from_request(
+            scope.get("headers", ()),
+            scope.get("query_string", b""),
+            scope.get("subprotocols") or (),
+        )
+        # The "websocket.connect" event is left for the reader to skip, as Quart does: some ASGI
+        # hosts (Quart's test client) never send it. Accept first: refusing before the
+        # handshake answers HTTP 403, which clients treat as fatal; a close frame carries a
+        # code they can act on. The subprotocol accepted is one the client offered, never the
+        # token (Hypercorn's worker fails on one it did not offer).
+        accept: dict[str, Any] = {"type": "websocket.accept"}
+        if presented.subprotocol is not None:
+            accept["subprotocol"] = presented.subprotocol
+        await send(accept)
+        sink = self.direct.open_sink(send)
         if hub.draining:
             hub.note_refused(peer)
             await _close(sink, CloseCode.GOING_AWAY, REFUSED_REASON, peer)
@@ -96,7 +112,26 @@ class WebSocketEndpoint:
             await _close(sink, CloseCode.TRY_AGAIN_LATER, refused.close_reason, peer)
             return
         try:
-            await self._serve(scope, receive, send, sink, client_id, attempt, peer)
+            identity = None
+            if hub.token_policy is not None:
+                try:
+                    identity = verify_token(presented.token, hub.token_policy, hub.wall_time())
+                    if client_id is not None and client_id != identity.subject:
+                        raise TokenError("the token is for another client id")
+                except TokenError as error:
+                    count = hub.token_refusals.event(trio.current_time())
+                    if count is not None:
+                        LOGGER.info(
+                            "refused %s from %s with 4501: %s%s",
+                            loggable(_describe_path(scope)),
+                            peer,
+                            error,
+                            _more(count),
+                        )
+                    await _close(sink, CloseCode.UNAUTHORIZED, str(error), peer)
+                    return
+                client_id = identity.subject
+            await self._serve(scope, receive, send, sink, client_id, attempt, peer, identity)
         finally:
             hub.admission.release(key)
 
@@ -109,6 +144,7 @@ class WebSocketEndpoint:
         client_id: str | None,
         attempt: int,
         peer: str,
+        identity: Identity | None,
     ) -> None:
         """An admitted connection: register it, serve it, forget it."""
         hub = self.hub
@@ -121,10 +157,20 @@ class WebSocketEndpoint:
         try:
             if since is not None:
                 protocol.validate_since(since)
-            connection = hub.connect(client_id, peer, resuming=since is not None, attempt=attempt)
+            connection = hub.connect(
+                client_id,
+                peer,
+                resuming=since is not None,
+                attempt=attempt,
+                resume_key=_query_value(scope, "key"),
+                authenticated=identity is not None,
+            )
         except (ClientIdError, ResumeError) as error:
             LOGGER.info("refused %s from %s: %s", loggable(_describe_path(scope)), peer, error)
             await _close(sink, CloseCode.POLICY_VIOLATION, str(error), peer)
+            return
+        except IdInUseError as error:
+            await _close(sink, CloseCode.ID_IN_USE, str(error), peer)
             return
         except StaleAttemptError as error:
             await _close(sink, CloseCode.REPLACED, str(error), peer)
@@ -132,11 +178,16 @@ class WebSocketEndpoint:
         if sink.can_ping and hypercorn_limits.watch_reads(send, connection):
             hub.watch(connection)  # pinged from now on, and closed with 4010 if silent
         try:
+            if not await hub.claim_across_cluster(connection, _query_value(scope, "key")):
+                await _close(sink, CloseCode.ID_IN_USE, ID_IN_USE_REASON, peer)
+                return
             if since is not None:
                 await hub.resume(connection, since)
             async with trio.open_nursery() as nursery:
                 connection.bind_close(nursery.cancel_scope)
                 nursery.start_soon(connection.outbox.run_writer, sink)
+                if identity is not None:
+                    nursery.start_soon(hub.close_when_expired, connection, identity.expires_at)
                 try:
                     await self._read(receive, connection)
                 finally:
@@ -241,6 +292,72 @@ def client_address(hub: Hub, scope: dict[str, Any]) -> tuple[str, str]:
     return forwarded, f"{forwarded} (via {direct})"
 
 
+def origin_allowed(hub: Hub, scope: dict[str, Any]) -> bool:
+    """Whether the handshake's ``Origin`` (if any) may connect: see core/origins.py."""
+    origin, host, scheme = _origin_and_target(hub, scope)
+    return hub.origins.allows(origin, host, scheme)
+
+
+def _origin_and_target(hub: Hub, scope: dict[str, Any]) -> tuple[str | None, str | None, str]:
+    """The ``Origin``, and the host and scheme the request was made to: from a trusted
+    proxy's ``X-Forwarded-Host`` / ``-Proto`` when it sent them, else ``Host`` and the
+    connection's own scheme."""
+    origin = host = None
+    headers = scope.get("headers", ())
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"origin":
+            origin = value.decode("latin-1")
+        elif lowered == b"host":
+            host = value.decode("latin-1")
+    scheme = str(scope.get("scheme", "ws"))
+    client = scope.get("client")
+    if origin is not None and client:
+        forwarded_host, forwarded_scheme = hub.trusted_proxies.forwarded_origin(
+            str(client[0]), headers
+        )
+        host = forwarded_host or host
+        scheme = forwarded_scheme or scheme
+    return origin, host, scheme
+
+
+def _more(count: int) -> str:
+    """The tail of a throttled refusal line: how many more were refused since the last one."""
+    return f" ({count - 1} more refused since the last line)" if count > 1 else ""
+
+
+async def _refuse_origin(hub: Hub, scope: dict[str, Any], send: Send, peer: str) -> None:
+    origin, host, scheme = _origin_and_target(hub, scope)
+    count = hub.origin_refusals.event(trio.current_time())
+    if count is not None:
+        LOGGER.info(
+            "refused %s from %s with HTTP 403: origin %s is not allowed (allowed: %s; the "
+            "request was made to %s://%s)%s",
+            loggable(_describe_path(scope)),
+            peer,
+            loggable(origin or ""),
+            hub.origins.describe(),
+            loggable({"ws": "http", "wss": "https"}.get(scheme, scheme)),
+            loggable(host or "?"),
+            _more(count),
+        )
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = b"origin not allowed\n"
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": 403,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008})  # Hypercorn answers 403
+
+
 def _query_value(scope: dict[str, Any], name: str) -> str | None:
     query = scope.get("query_string", b"").decode("latin-1")
     values = urllib.parse.parse_qs(query).get(name)
@@ -248,7 +365,8 @@ def _query_value(scope: dict[str, Any], name: str) -> str | None:
 
 
 def _describe_path(scope: dict[str, Any]) -> str:
-    query = scope.get("query_string", b"").decode("latin-1")
+    """The path and query for a log line, tokens and resume keys replaced by ``***``."""
+    query = redact_query(scope.get("query_string", b"").decode("latin-1"))
     path: str = scope["path"]
     return path + (f"?{query}" if query else "")
 
