@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="Redis memory the stream may take (67108864)",
     )
+    add(
+        "--redis-pending-max-bytes",
+        type=int,
+        metavar="BYTES",
+        help="memory held in messages waiting for Redis (33554432)",
+    )
     add("--version", action="version", version=f"trio_ws {__version__}")
     return parser
 
