@@ -20,9 +20,22 @@ The general bug is pgjones/hypercorn#225. :func:`install` wraps ``TCPServer.run`
 connection's other tasks (the app's handler, which then disconnects the client from the hub).
 The wrapper logs one line and returns. Cancellation and ``KeyboardInterrupt`` pass through.
 
-It fails closed: for a Hypercorn release not checked here, or a ``TCPServer.run`` that is not
-the one checked, :func:`install` raises :class:`HypercornGuardError` and the server does not
-start (docs/design/hypercorn.md, "Errors inside Hypercorn").
+The same wrapper caps the connections that are *waiting*: accepted and not yet past their
+request's headers (a TLS handshake included), or idle between two keep-alive requests. Hypercorn
+closes each after its keep-alive timeout (from the accept; bytes do not extend it), but has no
+bound on how many there are: sockets that send nothing, or a header byte a second, took the
+process's last file descriptors, and ``/health`` and new WebSockets went unanswered. A
+connection leaves the waiting set when its request's headers are complete (Hypercorn's
+``Updated(idle=False)``, which also stops its keep-alive timer) and comes back when it is idle
+again (``Updated(idle=True)``). At the cap (:func:`limit_waiting`, fitted under the file limit
+by the host) the *oldest* waiting connection is closed to make room: a request that arrives
+whole, as ``/health`` and any real client's do, is past its headers long before the attacker can
+open the cap's worth of new sockets, while a socket that trickles is always the oldest.
+
+It fails closed: for a Hypercorn release not checked here, or a ``TCPServer.run`` or
+``protocol_send`` that is not the one checked, :func:`install` raises :class:`HypercornGuardError`
+and the server does not start (docs/design/hypercorn.md, "Errors inside Hypercorn" and
+"Connections that never become WebSockets").
 """
 
 from __future__ import annotations
@@ -35,6 +48,8 @@ import traceback
 from importlib.metadata import version
 from typing import Any
 
+import trio
+from hypercorn.events import Updated
 from hypercorn.trio.tcp_server import TCPServer
 
 LOGGER = logging.getLogger(__name__)
@@ -49,6 +64,10 @@ _MARK = "_trio_ws_guarded"
 LOG_INTERVAL_S = 10.0
 _last_logged: dict[str, float] = {}
 _suppressed: dict[str, int] = {}
+#: Waiting connections (see the module docstring) one process keeps at most, unless the host
+#: fits a smaller number under its file limit (:func:`limit_waiting`).
+WAITING_MAX = 1000
+_waiting_limit = WAITING_MAX
 
 
 class HypercornGuardError(RuntimeError):
@@ -70,10 +89,25 @@ def install() -> None:
 
     async def run(self: TCPServer) -> None:
         peer = _peer(self)
+        waiting = _waiting()
         try:
+            await _close_all(waiting.add(self))
             await original(self)
         except* Exception as group:
             _log_contained(peer, group)
+        finally:
+            waiting.discard(self)
+
+    original_send = TCPServer.protocol_send
+
+    async def protocol_send(self: TCPServer, event: Any) -> None:
+        if isinstance(event, Updated):
+            waiting = _waiting()
+            if event.idle:
+                await _close_all(waiting.add(self))
+            else:
+                waiting.discard(self)
+        await original_send(self, event)
 
     original_close = TCPServer._close
 
@@ -87,8 +121,83 @@ def install() -> None:
     setattr(run, _MARK, True)
     run.__wrapped__ = original  # type: ignore[attr-defined]  # what check() reads
     close.__wrapped__ = original_close  # type: ignore[attr-defined]
+    protocol_send.__wrapped__ = original_send  # type: ignore[attr-defined]
     TCPServer.run = run  # type: ignore[method-assign]
     TCPServer._close = close  # type: ignore[method-assign]
+    TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
+
+
+def limit_waiting(limit: int) -> None:
+    """Keep at most ``limit`` (>= 1) waiting connections in this process."""
+    global _waiting_limit  # one process, one file limit
+    _waiting_limit = max(1, limit)
+
+
+def waiting_limit() -> int:
+    return _waiting_limit
+
+
+class _Waiting:
+    """The waiting connections of one Trio run, oldest first."""
+
+    def __init__(self) -> None:
+        self.servers: dict[TCPServer, None] = {}
+        self.closed_since_log = 0
+        self.logged_at = -LOG_INTERVAL_S
+
+    def add(self, server: TCPServer) -> list[TCPServer]:
+        """``server`` waits (again), as the newest; returns the oldest ones to close, as many
+        as are over the cap."""
+        self.servers.pop(server, None)
+        self.servers[server] = None
+        evicted = []
+        while len(self.servers) > _waiting_limit:
+            oldest = next(iter(self.servers))
+            del self.servers[oldest]
+            evicted.append(oldest)
+            self._closed_one()
+        return evicted
+
+    def discard(self, server: TCPServer) -> None:
+        self.servers.pop(server, None)
+
+    def _closed_one(self) -> None:
+        self.closed_since_log += 1
+        now = time.monotonic()
+        if now - self.logged_at < LOG_INTERVAL_S:
+            return
+        LOGGER.warning(
+            "%d connections waiting for their request's headers: the oldest closed to make "
+            "room; %d such in the last %gs",
+            _waiting_limit,
+            self.closed_since_log,
+            LOG_INTERVAL_S,
+        )
+        self.logged_at = now
+        self.closed_since_log = 0
+
+
+async def _close_all(servers: list[TCPServer]) -> None:
+    for server in servers:
+        # Its own task then sees its socket closed, and ends as after its keep-alive timeout.
+        await trio.aclose_forcefully(server.stream)
+
+
+_WAITING: trio.lowlevel.RunVar[_Waiting] = trio.lowlevel.RunVar("trio_ws_waiting")
+
+
+def _waiting() -> _Waiting:
+    try:
+        return _WAITING.get()
+    except LookupError:
+        waiting = _Waiting()
+        _WAITING.set(waiting)
+        return waiting
+
+
+def waiting_count() -> int:
+    """Waiting connections in the current Trio run (for tests and /health)."""
+    return len(_waiting().servers)
 
 
 def check() -> str | None:
@@ -109,6 +218,17 @@ def check() -> str | None:
         return "TCPServer._close no longer half-closes the stream (send_eof)"
     if "send_lock" not in TCPServer.__init__.__code__.co_names:
         return "TCPServer no longer has a send_lock"
+    send = getattr(TCPServer, "protocol_send", None)
+    send = getattr(send, "__wrapped__", send)
+    if not inspect.iscoroutinefunction(send) or not {"Updated", "idle", "idle_task"} <= set(
+        send.__code__.co_names
+    ):
+        return "TCPServer.protocol_send no longer starts and stops the idle timer on Updated"
+    idle = getattr(TCPServer, "_idle_timeout", None)
+    if not inspect.iscoroutinefunction(idle) or "keep_alive_timeout" not in (
+        idle.__code__.co_names
+    ):
+        return "TCPServer no longer closes a connection after keep_alive_timeout"
     return None
 
 
