@@ -310,6 +310,33 @@ DELIVERY_RULES = [
         Case(
             [
                 *(publish("a"), send(), own("1-0", 1, "a")),
+                *(publish("b"), send(), own("2-0", 2, "b")),
+                *(publish("c"), send(), own("3-0", 3, "c")),
+                *(error(), resync("run-2"), send()),
+            ],
+            delivered=[("1-0", "a"), ("2-0", "b"), ("3-0", "c")],
+            sent=["a", "b", "c", "b", "c"],
+            options={"pending_max_bytes": 2 * SMALL},
+        ),
+        id="the recent messages kept to send again are bounded by the same bytes",
+    ),
+    pytest.param(
+        Case(
+            [
+                *(publish("a"), send(), own("1-0", 1, "a")),
+                *(publish("b"), send(), own("2-0", 2, "b")),
+                *(error(), resync("run-2"), send()),
+            ],
+            delivered=[("1-0", "a"), ("2-0", "b")],
+            sent=["a", "b", "b"],
+            options={"recent_limit": 1},
+        ),
+        id="and by their count",
+    ),
+    pytest.param(
+        Case(
+            [
+                *(publish("a"), send(), own("1-0", 1, "a")),
                 *(publish("b"), send(), error(), resync(), send()),
             ],
             delivered=[("1-0", "a"), (None, "b")],

@@ -64,7 +64,8 @@ if TYPE_CHECKING:
     from trio_ws.brokers.entries import Entry
 
 #: Own messages kept after they were seen in the stream, to send again if Redis restarts
-#: (and may have lost entries that other processes had not read yet).
+#: (and may have lost entries that other processes had not read yet); also at most
+#: ``pending_max_bytes`` of them.
 RECENT_LIMIT = 1000
 #: Origins remembered for de-duplication; each process start is a new origin.
 SEEN_ORIGINS_LIMIT = 10_000
@@ -210,7 +211,9 @@ class ClusterLog:
         self._pending: collections.deque[Pending] = collections.deque()
         self._unsent: collections.deque[Pending] = collections.deque()
         self._own_confirmed = 0
-        self._recent: collections.deque[Pending] = collections.deque(maxlen=recent_limit)
+        self._recent: collections.deque[Pending] = collections.deque()
+        self._recent_limit = recent_limit
+        self._recent_bytes = 0
         self._run_id = ""
         #: Last sequence number seen per origin, least recently seen first.
         self._seen: dict[str, int] = {}
@@ -495,13 +498,23 @@ class ClusterLog:
         while self._pending and self._pending[0].seq <= seq:
             pending = self._pending.popleft()
             self._pending_bytes -= pending.size
-            self._recent.append(pending)
+            self._remember(pending)
             if pending.delivered:
                 continue
             # An earlier message of ours that never came back cannot be: it was sent first.
             # Deliver it here all the same rather than lose it.
             deliveries.append(Broadcast(entry_id if pending.seq == seq else None, pending.message))
         return deliveries
+
+    def _remember(self, confirmed: Pending) -> None:
+        """Keep ``confirmed`` among the recent messages, within the same bounds as the pending
+        ones (``recent_limit`` messages, ``pending_max_bytes`` bytes), the oldest forgotten."""
+        self._recent.append(confirmed)
+        self._recent_bytes += confirmed.size
+        while len(self._recent) > 1 and (
+            len(self._recent) > self._recent_limit or self._recent_bytes > self._pending_max_bytes
+        ):
+            self._recent_bytes -= self._recent.popleft().size
 
     def _pending_full(self, adding: int = 0) -> bool:
         """Whether the pending messages (and ``adding`` bytes more) are over either bound;
