@@ -7,6 +7,8 @@ import sys
 
 import pytest
 import trio
+from hypercorn.events import Updated
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio.tcp_server import TCPServer
 
 from tests.conftest import StartServer
@@ -66,6 +68,19 @@ def test_a_changed_idle_timer_is_refused(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(TCPServer, "_idle_timeout", idle_timeout)
     assert hypercorn_guard.check() == (
         "TCPServer no longer closes a connection after keep_alive_timeout"
+    )
+
+
+def test_an_http2_start_that_changed_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wrapper tells Hypercorn that a new HTTP/2 connection is idle: if Hypercorn ever does
+    it itself (or the method is gone), the wrapper is not the one checked."""
+
+    async def initiate(self: H2Protocol, *args: object) -> None:
+        await self.send(Updated(idle=True))
+
+    monkeypatch.setattr(H2Protocol, "initiate", initiate)
+    assert hypercorn_guard.check() == (
+        "H2Protocol.initiate is gone, or now reports whether it is idle"
     )
 
 

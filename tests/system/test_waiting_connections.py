@@ -30,6 +30,8 @@ from tests.wsutil import http_json, next_frame
 HEADER_DEADLINE_S = 5.0
 #: What a shared, loaded machine may add to it.
 MARGIN_S = 3.0
+#: A client's HTTP/2 connection preface (prior knowledge, cleartext) and an empty SETTINGS frame.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
 
 
 def rss_mb(pid: int) -> float:
@@ -162,14 +164,16 @@ async def test_growing_headers_get_431_and_are_closed() -> None:
 
 
 @pytest.mark.parametrize("argv", MODES.values(), ids=MODES.keys())
+@pytest.mark.parametrize("greeting", [b"", H2_PREFACE], ids=["nothing", "http2-preface"])
 async def test_silent_sockets_cannot_starve_health_or_websockets_under_a_low_file_limit(
-    argv: list[str],
+    argv: list[str], greeting: bytes
 ) -> None:
     """File limit 256: 400 sockets that connect and send nothing, each opened again as soon as
     the server closes it, for 12 s. The server keeps a bounded number of them (closing the
     oldest first), so /health and a new WebSocket are still served during the attack, a
     bystander keeps its messages, and no accept fails for lack of descriptors. Under
-    Hypercorn's command line the worker inherits the limit and the cap holds there too."""
+    Hypercorn's command line the worker inherits the limit and the cap holds there too. The
+    same with sockets that send an HTTP/2 preface and open no stream."""
     slots = 400
     async with running(["prlimit", "--nofile=256:256", "--", *argv], ENV) as server:
         url = await server.ws_url()
@@ -186,6 +190,8 @@ async def test_silent_sockets_cannot_starve_health_or_websockets_under_a_low_fil
                     with sock:
                         with trio.move_on_after(2):
                             await sock.connect((host, port))
+                            if greeting:
+                                await sock.send(greeting)
                             await closed_by_server(sock)
                             reopened += 1
                     await trio.sleep(0.05)
@@ -203,7 +209,7 @@ async def test_silent_sockets_cannot_starve_health_or_websockets_under_a_low_fil
                     await assert_still_served(server, url, ws)
                 nursery.cancel_scope.cancel()
         print(
-            f"\nsilent x{slots} at nofile 256: the server's open files {held}, "
+            f"\nsilent x{slots} ({greeting[:3]!r}) at nofile 256: the server's open files {held}, "
             f"{reopened} sockets closed by the server and opened again"
         )
         assert server.count(r"Too many open files|EMFILE") == 0, server.log[-3000:]
@@ -233,3 +239,44 @@ async def test_over_tls_a_silent_socket_is_closed_at_the_handshake_deadline(
             held = trio.current_time() - connected
         print(f"\nsilent TLS socket: closed by the server after {held:.1f} s")
         assert server.process.returncode is None
+
+
+async def test_an_http2_connection_that_opens_no_stream_is_closed_at_the_header_deadline() -> None:
+    """Cleartext HTTP/2 by prior knowledge: Hypercorn stops the keep-alive timer for the
+    preface (it reads it as a request) and never starts it again while no stream has opened
+    and closed, so 20 such connections were held for good, uncounted."""
+    count = 20
+    async with running(LAUNCHER, ENV) as server:
+        url = await server.ws_url()
+        base = await server.base_url()
+        host, port = host_port(url)
+        lifetimes: list[float] = []
+        opened: list[trio.socket.SocketType] = []
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def preface_only(sock: trio.socket.SocketType) -> None:
+                    connected = trio.current_time()
+                    await sock.connect((host, port))
+                    await sock.send(H2_PREFACE)
+                    await closed_by_server(sock)
+                    lifetimes.append(trio.current_time() - connected)
+
+                with trio.move_on_after(HEADER_DEADLINE_S + MARGIN_S):
+                    for _ in range(count):
+                        sock = trio.socket.socket()
+                        opened.append(sock)
+                        nursery.start_soon(preface_only, sock)
+                    await trio.sleep(1)
+                    await served(server, url, base)
+                    await trio.sleep(HEADER_DEADLINE_S + MARGIN_S)
+                nursery.cancel_scope.cancel()
+        finally:
+            for sock in opened:
+                sock.close()
+        print(
+            f"\nHTTP/2 prefaces x{count}: {len(lifetimes)} closed by the server, after "
+            f"{max(lifetimes, default=math.nan):.1f} s at most"
+        )
+        assert len(lifetimes) == count, f"{count - len(lifetimes)} still open"
+        assert max(lifetimes) <= HEADER_DEADLINE_S + MARGIN_S

@@ -29,13 +29,19 @@ connection leaves the waiting set when its request's headers are complete (Hyper
 ``Updated(idle=False)``, which also stops its keep-alive timer) and comes back when it is idle
 again (``Updated(idle=True)``). At the cap (:func:`limit_waiting`, fitted under the file limit
 by the host) the *oldest* waiting connection is closed to make room: a request that arrives
-whole, as ``/health`` and any real client's do, is past its headers long before the attacker can
-open the cap's worth of new sockets, while a socket that trickles is always the oldest.
+whole, as ``/health`` and any real client's do, is past its headers long before an attacker
+can open the cap's worth of new sockets, while a socket that trickles is always the oldest.
 
-It fails closed: for a Hypercorn release not checked here, or a ``TCPServer.run`` or
-``protocol_send`` that is not the one checked, :func:`install` raises :class:`HypercornGuardError`
-and the server does not start (docs/design/hypercorn.md, "Errors inside Hypercorn" and
-"Connections that never become WebSockets").
+One gap in those events is filled here: a cleartext HTTP/2 connection by prior knowledge starts
+as HTTP/1.1, whose parser reads the preface as a request (``Updated(idle=False)``: the timer
+stops), and HTTP/2 says nothing more until a stream has come and gone, so a connection that
+opened no stream was held for good, uncounted. ``H2Protocol.initiate`` is wrapped to say
+whether the new connection is idle.
+
+It fails closed: for a Hypercorn release not checked here, or a ``TCPServer.run``,
+``protocol_send`` or ``H2Protocol.initiate`` that is not the one checked, :func:`install`
+raises :class:`HypercornGuardError` and the server does not start (docs/design/hypercorn.md,
+"Errors inside Hypercorn" and "Connections that never become WebSockets").
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from typing import Any
 
 import trio
 from hypercorn.events import Updated
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio.tcp_server import TCPServer
 
 LOGGER = logging.getLogger(__name__)
@@ -118,13 +125,23 @@ def install() -> None:
         async with self.send_lock:
             await original_close(self)
 
+    original_initiate = H2Protocol.initiate
+
+    async def initiate(self: H2Protocol, *args: Any, **kwargs: Any) -> None:
+        await original_initiate(self, *args, **kwargs)
+        # Idle (no stream yet) unless an h2c upgrade brought its request as stream 1: the
+        # keep-alive timer runs again, and the connection counts as waiting.
+        await self.send(Updated(idle=self.idle))
+
     setattr(run, _MARK, True)
     run.__wrapped__ = original  # type: ignore[attr-defined]  # what check() reads
     close.__wrapped__ = original_close  # type: ignore[attr-defined]
     protocol_send.__wrapped__ = original_send  # type: ignore[attr-defined]
+    initiate.__wrapped__ = original_initiate  # type: ignore[attr-defined]
     TCPServer.run = run  # type: ignore[method-assign]
     TCPServer._close = close  # type: ignore[method-assign]
     TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
+    H2Protocol.initiate = initiate  # type: ignore[method-assign]
 
 
 def limit_waiting(limit: int) -> None:
@@ -229,6 +246,12 @@ def check() -> str | None:
         idle.__code__.co_names
     ):
         return "TCPServer no longer closes a connection after keep_alive_timeout"
+    h2_initiate = getattr(H2Protocol, "initiate", None)
+    h2_initiate = getattr(h2_initiate, "__wrapped__", h2_initiate)
+    if not inspect.iscoroutinefunction(h2_initiate) or "Updated" in h2_initiate.__code__.co_names:
+        return "H2Protocol.initiate is gone, or now reports whether it is idle"
+    if not isinstance(getattr(H2Protocol, "idle", None), property):
+        return "H2Protocol no longer has an idle property"
     return None
 
 
