@@ -280,3 +280,38 @@ async def test_an_http2_connection_that_opens_no_stream_is_closed_at_the_header_
         )
         assert len(lifetimes) == count, f"{count - len(lifetimes)} still open"
         assert max(lifetimes) <= HEADER_DEADLINE_S + MARGIN_S
+
+
+async def test_a_request_whose_body_never_ends_is_closed_after_its_response() -> None:
+    """Requests that announce a body and never send it all (slow POST): the application
+    answers (404, 405) at once, and Hypercorn then closes the connection, since the body is
+    unfinished. That close ran in the application's task and was cancelled with it, so the
+    socket stayed open, uncounted, for as long as the client liked."""
+    async with running(LAUNCHER, ENV) as server:
+        url = await server.ws_url()
+        host, port = host_port(url)
+        lifetimes: dict[str, float] = {}
+        answers: dict[str, bytes] = {}
+
+        async def slow_post(path: str) -> None:
+            sock = trio.socket.socket()
+            with sock:
+                await sock.connect((host, port))
+                connected = trio.current_time()
+                await sock.send(
+                    f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n".encode()
+                    + b"a"
+                )
+                answers[path] = await closed_by_server(sock)
+                lifetimes[path] = trio.current_time() - connected
+
+        paths = ["/", "/health", "/publish", "/ws", "/nothing"]
+        with trio.move_on_after(HEADER_DEADLINE_S + MARGIN_S):
+            async with trio.open_nursery() as nursery:
+                for path in paths:
+                    nursery.start_soon(slow_post, path)
+        print(f"\nslow POSTs: closed after {lifetimes}")
+        assert sorted(lifetimes) == sorted(paths), f"still open: {set(paths) - set(lifetimes)}"
+        for path in paths:
+            assert answers[path].startswith((b"HTTP/1.1 404", b"HTTP/1.1 405")), answers[path][:40]
+        assert server.count(r"Traceback") == 0, server.log[-3000:]

@@ -67,6 +67,9 @@ VERIFIED_HYPERCORN = ("0.18.0",)
 #: own task group and close the stream in its ``finally``.
 _EXPECTED_NAMES = ("TaskGroup", "ProtocolWrapper", "_read_data", "_close", "stream")
 _MARK = "_trio_ws_guarded"
+#: Longest a connection's close may take (the TLS goodbye, the send lock) before its socket is
+#: closed without it.
+CLOSE_TIMEOUT_S = 5.0
 #: At most one log line per kind of contained error in this many seconds.
 LOG_INTERVAL_S = 10.0
 _last_logged: dict[str, float] = {}
@@ -122,8 +125,17 @@ def install() -> None:
         # Hypercorn half-closes the socket (send_eof) without its send lock, so a client that
         # closes right after the handshake races the reply to its close frame: trio raises
         # BusyResourceError in that send. Under the lock, the reply goes first.
-        async with self.send_lock:
-            await original_close(self)
+        # Shielded: Hypercorn also closes from the application's task (a response sent before
+        # the request's body has all arrived), and Quart cancels that task right then; the
+        # close was cancelled at its first checkpoint and the socket stayed open for good.
+        # Bounded, as a TLS close may wait on a peer that reads nothing: then the socket is
+        # closed without the TLS goodbye.
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                async with self.send_lock:
+                    await original_close(self)
+                return
+            await trio.aclose_forcefully(self.stream)
 
     original_initiate = H2Protocol.initiate
 
