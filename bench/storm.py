@@ -972,7 +972,12 @@ async def _start_instance(
         "--publish-bytes-rate",
         "0",
     ]
-    env = {"TRIO_WS_REDIS_URL": f"redis://{HOST}:{redis_port}/0", "PYTHONUNBUFFERED": "1"}
+    env = {
+        "TRIO_WS_REDIS_URL": f"redis://{HOST}:{redis_port}/0",
+        "PYTHONUNBUFFERED": "1",
+        # The poller reads the broker's state, which the public /health leaves out.
+        "TRIO_WS_HEALTH_DETAIL": "on",
+    }
     proc = await _spawn(name, argv, tmp / f"{name}.log", env)
     procs.append(proc)
     pattern = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")

@@ -154,6 +154,10 @@ class Settings:
     jwt_audience: str | None = None
     #: When set, a token's ``iss`` must be it.
     jwt_issuer: str | None = None
+    #: Memory this process may hold in messages published here and not yet seen back from
+    #: Redis (during an outage, above all); each counted as its text, its sender and 64 bytes.
+    #: Past it: backpressure while Redis is up, the oldest not sent to the cluster while down.
+    redis_pending_max_bytes: int = 32 * 1024 * 1024
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "a TCP port from 0 to 65535")
@@ -224,6 +228,13 @@ class Settings:
             "redis_stream_max_bytes",
             self.redis_stream_max_bytes,
             f"bytes >= {MIN_STREAM_ENTRIES} broadcasts of max_message_size ({smallest_budget})",
+        )
+        smallest_pending = MIN_PENDING_MESSAGES * self.max_message_size
+        _check(
+            self.redis_url is None or self.redis_pending_max_bytes >= smallest_pending,
+            "redis_pending_max_bytes",
+            self.redis_pending_max_bytes,
+            f"bytes >= {MIN_PENDING_MESSAGES} messages of max_message_size ({smallest_pending})",
         )
         _check(self.publish_rate >= 0, "publish_rate", self.publish_rate, "messages/s >= 0")
         _check(self.publish_burst >= 0, "publish_burst", self.publish_burst, "an integer >= 0")
@@ -413,6 +424,8 @@ class Settings:
         return logging.getLevelNamesMapping()[self.log_level]
 
 
+#: Fewest maximum-size messages TRIO_WS_REDIS_PENDING_MAX_BYTES must hold.
+MIN_PENDING_MESSAGES = 10
 #: Fewest broadcasts the Redis stream may be set to keep (TRIO_WS_REDIS_STREAM_MAX_BYTES).
 MIN_STREAM_ENTRIES = 10
 #: Bytes of a Redis stream entry besides the message's text: its other fields (origin,
@@ -556,6 +569,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "jwt_algorithm": str,
     "jwt_audience": str,
     "jwt_issuer": str,
+    "redis_pending_max_bytes": int,
 }
 
 

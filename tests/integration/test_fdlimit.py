@@ -12,6 +12,7 @@ import pytest
 from trio_ws.core.limits import Admission, LimitPolicy
 from trio_ws.hosting import fdlimit
 from trio_ws.hosting.logs import ACCEPT_LOGGER, AcceptErrorFilter
+from trio_ws.shell import hypercorn_guard
 
 
 @pytest.mark.parametrize(
@@ -34,6 +35,7 @@ def test_apply_file_limit_lowers_the_cap_with_one_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(hypercorn_guard, "_waiting_limit", hypercorn_guard.WAITING_MAX)
     monkeypatch.setattr(resource, "getrlimit", lambda _which: (256, 512))
     monkeypatch.setattr(resource, "setrlimit", lambda _which, limits: calls.append(limits))
     admission = Admission(LimitPolicy(max_connections=10_000))
@@ -44,6 +46,21 @@ def test_apply_file_limit_lowers_the_cap_with_one_warning(
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "max_connections lowered to 412" in warnings[0].getMessage()
+    # Beside 412 WebSockets and 50 other files: 50 connections waiting for their request.
+    assert hypercorn_guard.waiting_limit() == 50
+
+
+@pytest.mark.parametrize(
+    ("websockets", "limit", "waiting"),
+    [
+        (10_000, 1_048_576, 1000),  # at most WAITING_MAX
+        (10_000, 10_600, 550),
+        (156, 256, 50),  # what the fitted cap leaves under a limit of 256
+        (50, 100, 1),  # a tiny limit: still one
+    ],
+)
+def test_fitting_waiting(websockets: int, limit: int, waiting: int) -> None:
+    assert fdlimit.fitting_waiting(websockets, limit) == waiting
 
 
 def test_accept_errors_one_line_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -39,6 +39,12 @@ def message(text: str) -> Outgoing:
     return Outgoing("message", 1.0, sender="s", text=text)
 
 
+#: What a one-letter message counts against the pending byte budget: its text, its sender "s"
+#: and 64 bytes.
+SMALL = 66
+LARGE = "x" * 200
+
+
 def label(outgoing: Outgoing) -> str:
     """A message by its text, a periodic message as ``periodic:<count>``."""
     if outgoing.kind == "periodic":
@@ -256,11 +262,76 @@ DELIVERY_RULES = [
     ),
     pytest.param(
         Case(
+            [error(), publish("a"), publish("b"), publish("c"), resync(), send()],
+            delivered=[(None, "a"), (None, "b"), (None, "c")],
+            sent=["b", "c"],
+            stats={"dropped_during_outages": 1, "pending_bytes": 2 * SMALL},
+            options={"pending_max_bytes": 3 * SMALL - 1},
+        ),
+        id="outage: past the pending byte budget the oldest is not sent to the cluster",
+    ),
+    pytest.param(
+        Case(
+            [error(), publish("a"), publish("b"), publish(LARGE), resync(), send()],
+            delivered=[(None, "a"), (None, "b"), (None, LARGE)],
+            sent=[LARGE],
+            stats={"dropped_during_outages": 2, "pending": 1},
+            options={"pending_max_bytes": 2 * SMALL + 10},
+        ),
+        id="outage: one large message makes room by dropping as many old ones as it takes",
+    ),
+    pytest.param(
+        Case(
+            [error(), publish(LARGE), publish(LARGE), resync(), send()],
+            delivered=[(None, LARGE), (None, LARGE)],
+            sent=[LARGE],
+            stats={"dropped_during_outages": 1},
+            options={"pending_max_bytes": 10},
+        ),
+        id="outage: a message larger than the whole budget is still kept, alone",
+    ),
+    pytest.param(
+        Case(
+            [publish("a"), publish("b"), send(), own("1-0", 1, "a"), own("2-0", 2, "b")],
+            delivered=[("1-0", "a"), ("2-0", "b")],
+            stats={"pending": 0, "pending_bytes": 0},
+        ),
+        id="confirmed messages leave the byte count",
+    ),
+    pytest.param(
+        Case(
             [publish("a"), send(), own("1-0", 1, "a"), error(), resync("run-2"), send()],
             delivered=[("1-0", "a")],
             sent=["a", "a"],
         ),
         id="Redis restarted (new run_id): recent confirmed messages are sent again",
+    ),
+    pytest.param(
+        Case(
+            [
+                *(publish("a"), send(), own("1-0", 1, "a")),
+                *(publish("b"), send(), own("2-0", 2, "b")),
+                *(publish("c"), send(), own("3-0", 3, "c")),
+                *(error(), resync("run-2"), send()),
+            ],
+            delivered=[("1-0", "a"), ("2-0", "b"), ("3-0", "c")],
+            sent=["a", "b", "c", "b", "c"],
+            options={"pending_max_bytes": 2 * SMALL},
+        ),
+        id="the recent messages kept to send again are bounded by the same bytes",
+    ),
+    pytest.param(
+        Case(
+            [
+                *(publish("a"), send(), own("1-0", 1, "a")),
+                *(publish("b"), send(), own("2-0", 2, "b")),
+                *(error(), resync("run-2"), send()),
+            ],
+            delivered=[("1-0", "a"), ("2-0", "b")],
+            sent=["a", "b", "b"],
+            options={"recent_limit": 1},
+        ),
+        id="and by their count",
     ),
     pytest.param(
         Case(
@@ -348,6 +419,31 @@ BACKPRESSURE_RULES = [
 @pytest.mark.parametrize(("steps", "must_wait"), BACKPRESSURE_RULES)
 def test_backpressure_rules(steps: list[Step], must_wait: bool) -> None:
     run = new_run(pending_limit=2)
+    for step in steps:
+        step(run)
+    assert run.log.publish_must_wait is must_wait
+
+
+BYTE_BACKPRESSURE_RULES = [
+    pytest.param([publish("a")], 2 * SMALL, False, id="under the byte budget: no wait"),
+    pytest.param([publish("a"), publish("b")], 2 * SMALL, True, id="at the byte budget: wait"),
+    pytest.param([publish(LARGE)], 10, True, id="one message over the whole budget: wait"),
+    pytest.param([], 10, False, id="nothing pending: the first message always goes"),
+    pytest.param([publish("a"), publish("b"), error()], 2 * SMALL, False, id="down: never wait"),
+    pytest.param(
+        [publish("a"), publish("b"), send(), own("1-0", 1, "a")],
+        2 * SMALL,
+        False,
+        id="one came back: its bytes are free again",
+    ),
+]
+
+
+@pytest.mark.parametrize(("steps", "max_bytes", "must_wait"), BYTE_BACKPRESSURE_RULES)
+def test_backpressure_in_bytes(steps: list[Step], max_bytes: int, must_wait: bool) -> None:
+    """The same backpressure as the count limit, from the bytes pending (each message counted
+    as its text, its sender and 64 bytes)."""
+    run = new_run(pending_limit=100, pending_max_bytes=max_bytes)
     for step in steps:
         step(run)
     assert run.log.publish_must_wait is must_wait

@@ -316,3 +316,24 @@ def test_pong_timeout() -> None:
 def test_origin_and_token_settings_are_checked(environ: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(environ)
+
+
+def test_the_pending_byte_budget_holds_hundreds_of_maximum_size_messages() -> None:
+    settings = Settings.from_env({})
+    assert settings.redis_pending_max_bytes == 32 * 1024 * 1024
+    assert settings.redis_pending_max_bytes // settings.max_message_size == 512
+    assert (
+        Settings.from_env({"TRIO_WS_REDIS_PENDING_MAX_BYTES": "1048576"}).redis_pending_max_bytes
+        == 1 << 20
+    )
+    with pytest.raises(
+        SettingsError,
+        match=r"TRIO_WS_REDIS_PENDING_MAX_BYTES must be bytes >= 10 messages of "
+        r"max_message_size \(655360\), got 65536",
+    ):
+        Settings.from_env(
+            {
+                "TRIO_WS_REDIS_URL": "redis://127.0.0.1:6379/0",
+                "TRIO_WS_REDIS_PENDING_MAX_BYTES": "65536",
+            }
+        )

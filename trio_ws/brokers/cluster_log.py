@@ -64,10 +64,14 @@ if TYPE_CHECKING:
     from trio_ws.brokers.entries import Entry
 
 #: Own messages kept after they were seen in the stream, to send again if Redis restarts
-#: (and may have lost entries that other processes had not read yet).
+#: (and may have lost entries that other processes had not read yet); also at most
+#: ``pending_max_bytes`` of them.
 RECENT_LIMIT = 1000
 #: Origins remembered for de-duplication; each process start is a new origin.
 SEEN_ORIGINS_LIMIT = 10_000
+#: Bytes of pending messages (each counted as :func:`approximate_size`) when none are given:
+#: 512 messages of 64 KiB.
+PENDING_MAX_BYTES = 32 * 1024 * 1024
 #: Each half of a Redis Stream id is an unsigned 64-bit number: Redis refuses a larger one.
 STREAM_ID_PART_MAX = 2**64 - 1
 #: Seconds between two warnings about writes refused for memory (the first is said at once).
@@ -80,6 +84,8 @@ class Pending:
 
     seq: int
     message: Outgoing
+    #: What it counts against the pending byte budget (:func:`approximate_size`).
+    size: int = 0
     #: Already delivered to this process's clients (published or flushed during an outage).
     delivered: bool = False
 
@@ -174,6 +180,8 @@ class LogStatistics:
     duplicates_skipped: int
     #: Times the stream was trimmed harder because Redis refused a write for memory.
     trims_after_refusals: int
+    #: What the pending messages count against ``pending_max_bytes``.
+    pending_bytes: int = 0
 
 
 class ClusterLog:
@@ -185,6 +193,7 @@ class ClusterLog:
         *,
         pending_limit: int,
         skipped_limit: int,
+        pending_max_bytes: int = PENDING_MAX_BYTES,
         stream_cap: int = 10_000,
         recent_limit: int = RECENT_LIMIT,
         origins_limit: int = SEEN_ORIGINS_LIMIT,
@@ -193,6 +202,8 @@ class ClusterLog:
         #: Most entries the stream keeps (XADD's MAXLEN): where trimming after a refusal starts.
         self.stream_cap = stream_cap
         self._pending_limit = pending_limit
+        self._pending_max_bytes = pending_max_bytes
+        self._pending_bytes = 0
         self._skipped_limit = skipped_limit
         self._origins_limit = origins_limit
         self._state = BrokerState.UP
@@ -200,7 +211,9 @@ class ClusterLog:
         self._pending: collections.deque[Pending] = collections.deque()
         self._unsent: collections.deque[Pending] = collections.deque()
         self._own_confirmed = 0
-        self._recent: collections.deque[Pending] = collections.deque(maxlen=recent_limit)
+        self._recent: collections.deque[Pending] = collections.deque()
+        self._recent_limit = recent_limit
+        self._recent_bytes = 0
         self._run_id = ""
         #: Last sequence number seen per origin, least recently seen first.
         self._seen: dict[str, int] = {}
@@ -244,9 +257,16 @@ class ClusterLog:
         return self._own_confirmed
 
     @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    @property
     def publish_must_wait(self) -> bool:
-        """Backpressure: too many messages on their way while Redis is up."""
-        return self._state is BrokerState.UP and len(self._pending) >= self._pending_limit
+        """Backpressure: too many messages, or too many bytes, on their way while Redis is up.
+        The first message always goes, however large, so the bytes held are at most the budget
+        plus one message."""
+        # Like the count: wait once the budget is reached (no room left for any message).
+        return self._state is BrokerState.UP and self._pending_full(adding=1)
 
     def statistics(self) -> LogStatistics:
         return LogStatistics(
@@ -262,6 +282,7 @@ class ClusterLog:
             replayed_after_outages=self._replayed,
             duplicates_skipped=self._duplicates_skipped,
             trims_after_refusals=self._trims,
+            pending_bytes=self._pending_bytes,
         )
 
     # -- events --------------------------------------------------------------------------------
@@ -278,19 +299,21 @@ class ClusterLog:
             # afterwards, these would arrive as a burst of stale counts.
             return [Broadcast(None, message)]
         self._seq += 1
-        pending = Pending(self._seq, message)
+        pending = Pending(self._seq, message, size=approximate_size(message))
         deliveries: list[Broadcast] = []
         if self._state is BrokerState.DOWN:
             pending.delivered = True
             self._delivered_in_outage += 1
             deliveries.append(Broadcast(None, message))
-            if len(self._pending) >= self._pending_limit:
+            while self._pending_full(adding=pending.size):
                 # The oldest will not reach the other processes; its clients here had it.
                 dropped = self._pending.popleft()
+                self._pending_bytes -= dropped.size
                 if dropped in self._unsent:
                     self._unsent.remove(dropped)
                 self._dropped_in_outage += 1
         self._pending.append(pending)
+        self._pending_bytes += pending.size
         self._unsent.append(pending)
         return deliveries
 
@@ -474,13 +497,34 @@ class ClusterLog:
         deliveries: list[Broadcast] = []
         while self._pending and self._pending[0].seq <= seq:
             pending = self._pending.popleft()
-            self._recent.append(pending)
+            self._pending_bytes -= pending.size
+            self._remember(pending)
             if pending.delivered:
                 continue
             # An earlier message of ours that never came back cannot be: it was sent first.
             # Deliver it here all the same rather than lose it.
             deliveries.append(Broadcast(entry_id if pending.seq == seq else None, pending.message))
         return deliveries
+
+    def _remember(self, confirmed: Pending) -> None:
+        """Keep ``confirmed`` among the recent messages, within the same bounds as the pending
+        ones (``recent_limit`` messages, ``pending_max_bytes`` bytes), the oldest forgotten."""
+        self._recent.append(confirmed)
+        self._recent_bytes += confirmed.size
+        while len(self._recent) > 1 and (
+            len(self._recent) > self._recent_limit or self._recent_bytes > self._pending_max_bytes
+        ):
+            self._recent_bytes -= self._recent.popleft().size
+
+    def _pending_full(self, adding: int = 0) -> bool:
+        """Whether the pending messages (and ``adding`` bytes more) are over either bound;
+        never when none is pending."""
+        if not self._pending:
+            return False
+        return (
+            len(self._pending) >= self._pending_limit
+            or self._pending_bytes + adding > self._pending_max_bytes
+        )
 
     def _skip(self, entry_id: str) -> None:
         self._duplicates_skipped += 1

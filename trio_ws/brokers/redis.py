@@ -59,6 +59,7 @@ from coredis.retry import NoRetryPolicy
 from coredis.tokens import PureToken
 
 from trio_ws.brokers.cluster_log import (
+    PENDING_MAX_BYTES,
     ClusterLog,
     HistoryRead,
     HistoryRequest,
@@ -150,6 +151,7 @@ class RedisBroker(Broker):
         stream_max_bytes: int | None = None,
         max_entry_bytes: int = 0,
         pending_limit: int = 10_000,
+        pending_max_bytes: int = PENDING_MAX_BYTES,
         connect_timeout: float = COMMAND_TIMEOUT_S,
         command_timeout: float = COMMAND_TIMEOUT_S,
         heartbeat_s: float = HEARTBEAT_S,
@@ -167,6 +169,7 @@ class RedisBroker(Broker):
         if max_entry_bytes > 0:
             self._read_count = max(READ_MIN, min(BATCH, READ_BYTES // max_entry_bytes))
         self._pending_limit = pending_limit
+        self._pending_max_bytes = pending_max_bytes
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._heartbeat_s = heartbeat_s
@@ -205,6 +208,7 @@ class RedisBroker(Broker):
             ClusterLog(
                 member.instance_id,
                 pending_limit=self._pending_limit,
+                pending_max_bytes=self._pending_max_bytes,
                 skipped_limit=self._stream_maxlen,
                 stream_cap=self._stream_maxlen,
             ),
@@ -232,9 +236,10 @@ class RedisBroker(Broker):
         if dropped > dropped_before and (dropped == 1 or dropped % 1000 == 0):
             LOGGER.warning(
                 "broker: %d messages sent during the outage will not reach other processes "
-                "(more than %d waiting for Redis)",
+                "(more than %d, or more than %d bytes, waiting for Redis)",
                 dropped,
                 self._pending_limit,
+                self._pending_max_bytes,
             )
         self._work.set()
 
@@ -305,6 +310,7 @@ class RedisBroker(Broker):
             "stream": self.stream,
             "last_id": stats.last_id,
             "pending": stats.pending,
+            "pending_bytes": stats.pending_bytes,
             "outages": stats.outages,
             "down_for_s": down_for,
             "last_error": stats.last_error or None,

@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--jwt-algorithm", metavar="ALG", help="the one algorithm tokens use (HS256)")
     add("--jwt-audience", metavar="AUD", help="required token aud (none)")
     add("--jwt-issuer", metavar="ISS", help="required token iss (none)")
+    add(
+        "--redis-pending-max-bytes",
+        type=int,
+        metavar="BYTES",
+        help="memory held in messages waiting for Redis (33554432)",
+    )
     add("--version", action="version", version=f"trio_ws {__version__}")
     return parser
 

@@ -51,6 +51,7 @@ def create_broker(settings: Settings) -> Broker:
         prefix=settings.redis_prefix,
         stream_maxlen=settings.redis_stream_entries,
         stream_max_bytes=settings.redis_stream_max_bytes,
+        pending_max_bytes=settings.redis_pending_max_bytes,
         max_entry_bytes=stream_entry_bytes(settings.max_message_size),
     )
 

@@ -6,12 +6,19 @@ does not fit under the limit with a reserve of descriptors left over. The reserv
 ``/health``, ``/ready``, the listeners, Redis and the handshakes being refused with 1013 working
 when the WebSockets are at their cap: without it the process runs out of descriptors, its
 accept loop fails (EMFILE) and nobody, monitoring included, gets in.
+
+Connections that have not sent their request yet are not WebSockets and not counted by
+``max_connections``; they take descriptors all the same. So they are capped too (by
+:mod:`trio_ws.shell.hypercorn_guard`, which closes the oldest at the cap), at what is left under
+the file limit once the WebSockets are at their cap and :data:`OTHER_FILES` are set aside.
 """
 
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
+
+from trio_ws.shell import hypercorn_guard
 
 if TYPE_CHECKING:
     from trio_ws.core.limits import Admission
@@ -21,6 +28,9 @@ LOGGER = logging.getLogger(__name__)
 #: Descriptors kept for everything that is not an admitted WebSocket (or half the limit, when
 #: the limit is tiny).
 FD_RESERVE = 100
+#: Of what is left once the WebSockets are at their cap: descriptors kept for the listeners,
+#: Redis, logs and the like, not for connections waiting for their request.
+OTHER_FILES = 50
 
 
 def raise_soft_limit() -> int | None:
@@ -48,12 +58,33 @@ def fitting_max_connections(max_connections: int, file_limit: int) -> int:
     return max(1, min(max_connections, file_limit - reserve))
 
 
+def fitting_waiting(max_connections: int, file_limit: int) -> int:
+    """Most connections waiting for their request that fit beside ``max_connections``
+    WebSockets and :data:`OTHER_FILES` (at most ``hypercorn_guard.WAITING_MAX``, at least 1)."""
+    spare = file_limit - max_connections - OTHER_FILES
+    return max(1, min(hypercorn_guard.WAITING_MAX, spare))
+
+
 def apply_file_limit(admission: Admission) -> None:
     """Raise the soft file limit, then fit ``admission``'s cap under it (one WARNING if
-    lowered)."""
+    lowered), and the cap on connections waiting for their request beside it."""
     limit = raise_soft_limit()
     if limit is None:
+        hypercorn_guard.limit_waiting(hypercorn_guard.WAITING_MAX)
         return
+    _fit_max_connections(admission, limit)
+    waiting = fitting_waiting(admission.policy.max_connections, limit)
+    hypercorn_guard.limit_waiting(waiting)
+    if waiting < hypercorn_guard.WAITING_MAX:
+        LOGGER.info(
+            "file limit %d: at most %d connections waiting for their request (the oldest is "
+            "closed to make room)",
+            limit,
+            waiting,
+        )
+
+
+def _fit_max_connections(admission: Admission, limit: int) -> None:
     wanted = admission.policy.max_connections
     fitting = fitting_max_connections(wanted, limit)
     if fitting < wanted:

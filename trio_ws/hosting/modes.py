@@ -29,6 +29,14 @@ LOGGER = logging.getLogger(__name__)
 GRACE_MARGIN_S = CLOSE_GRACE_S + 10.0
 
 
+#: A request's headers must be complete this long after the accept (after the TLS handshake),
+#: and a keep-alive connection may idle this long between requests: Hypercorn's
+#: ``keep_alive_timeout``, which bytes do not extend (docs/design/hypercorn.md, "Connections
+#: that never become WebSockets").
+HEADER_TIMEOUT_S = 5.0
+#: A TLS handshake must be done this long after the accept (Hypercorn's default is 60 s).
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+
 #: The only application protocol offered in a TLS handshake.
 HTTP_ALPN = ("http/1.1",)
 
@@ -62,6 +70,10 @@ def configure_hypercorn(config: Config, settings: Settings, *, graceful_timeout_
     # HTTP/1.1, where the direct writer works, and never reach Hypercorn's HTTP/2 code. Cleartext
     # HTTP/2 cannot be turned off in Hypercorn; docs/design/hypercorn.md, "HTTP/2".
     config.alpn_protocols = list(HTTP_ALPN)
+    # Connections that have not sent a whole request: closed this soon, and capped in number
+    # (shell/hypercorn_guard.py).
+    config.keep_alive_timeout = HEADER_TIMEOUT_S
+    config.ssl_handshake_timeout = TLS_HANDSHAKE_TIMEOUT_S
 
 
 def log_startup(mode: RunMode, settings: Settings, *, version: str, workers: int) -> None:
