@@ -23,6 +23,7 @@ ENV_PREFIX = "TRIO_WS_"
 _PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 
 
 class SettingsError(ValueError):
@@ -89,6 +90,15 @@ class Settings:
     #: Bytes a second one connection may publish (UTF-8; a bucket of one second, and at least
     #: one ``max_message_size``); 0 turns it off.
     publish_bytes_rate: int = 64 * 1024
+    #: ``text`` (one readable line per event) or ``json`` (one JSON object per line, for log
+    #: shippers).
+    log_format: str = "text"
+    #: TCP port of the Prometheus endpoint (``/metrics``); 0 (the default) serves none. Under
+    #: Hypercorn's ``--workers N`` one worker serves the whole group's figures on it.
+    metrics_port: int = 0
+    #: Address the metrics port listens on: loopback by default, since ``/metrics`` has no
+    #: authentication; ``0.0.0.0`` for a scraper on another host (a Kubernetes pod IP).
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "a TCP port from 0 to 65535")
@@ -176,6 +186,19 @@ class Settings:
                 entry,
                 "IP addresses or networks (CIDR), separated by commas",
             )
+        _check(self.log_format in LOG_FORMATS, "log_format", self.log_format, "text or json")
+        _check(
+            0 <= self.metrics_port <= 65535,
+            "metrics_port",
+            self.metrics_port,
+            "a TCP port from 1 to 65535, or 0 (off)",
+        )
+        _check(
+            self.metrics_port == 0 or self.metrics_port != self.port,
+            "metrics_port",
+            self.metrics_port,
+            "a port other than TRIO_WS_PORT",
+        )
         _check(
             (self.certfile is None) == (self.keyfile is None),
             "certfile",
@@ -225,8 +248,16 @@ class Settings:
             f"max_connections={self.max_connections} "
             f"max_connections_per_ip={self.max_connections_per_ip} "
             f"handshake_rate_per_ip={self.handshake_rate_per_ip:g} "
-            f"trusted_proxies={','.join(self.trusted_proxies) or 'none'}"
+            f"trusted_proxies={','.join(self.trusted_proxies) or 'none'} "
+            f"log_format={self.log_format} metrics={self.metrics_description}"
         )
+
+    @property
+    def metrics_description(self) -> str:
+        if self.metrics_port == 0:
+            return "off"
+        host = f"[{self.metrics_host}]" if ":" in self.metrics_host else self.metrics_host
+        return f"http://{host}:{self.metrics_port}/metrics"
 
     @property
     def broker_description(self) -> str:
@@ -265,6 +296,10 @@ def _number(raw: str) -> float:
 
 def _level(raw: str) -> str:
     return raw.upper()
+
+
+def _lower(raw: str) -> str:
+    return raw.lower()
 
 
 def parse_proxies(raw: str) -> tuple[str, ...]:
@@ -314,6 +349,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "publish_rate": _number,
     "publish_burst": int,
     "publish_bytes_rate": int,
+    "log_format": _lower,
+    "metrics_port": int,
+    "metrics_host": str,
 }
 
 

@@ -31,6 +31,8 @@ from trio_ws.core.words import plural
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from trio_ws.core.stats import WriteStats
+
 LOGGER = logging.getLogger(__name__)
 
 
@@ -62,6 +64,7 @@ class Connection:
         batch_limit: int = 0,
         max_bytes: int | None = None,
         attempt: int = 0,
+        write_stats: WriteStats | None = None,
     ) -> None:
         self.client_id = client_id
         #: When the attempt reached the server, as a sequence number: the newest wins.
@@ -69,7 +72,9 @@ class Connection:
         self.peer = peer
         #: Wall-clock time (seconds since the epoch) of the handshake.
         self.connected_at = connected_at
-        self.outbox = Outbox(max_frames=queue_size, max_bytes=max_bytes, batch_limit=batch_limit)
+        self.outbox = Outbox(
+            max_frames=queue_size, max_bytes=max_bytes, batch_limit=batch_limit, stats=write_stats
+        )
         self.close_code: int | None = None
         self.close_reason = ""
         #: A frame the shell writes just before the close frame (an ``error`` frame), if any.
@@ -215,6 +220,7 @@ class Registry:
                 len(connection.outbox),
                 connection.outbox.queued_bytes,
                 plural(len(self._connections), "connection"),
+                extra={"client": connection.client_id, "event": "evicted"},
             )
             if self._on_evicted is not None:
                 self._on_evicted(connection)

@@ -15,7 +15,7 @@ import trio
 from trio_ws import __version__
 from trio_ws.hosting import launcher as serving
 from trio_ws.hosting.logs import configure_logging
-from trio_ws.settings import LOG_LEVELS, Settings, SettingsError, on_off, parse_proxies
+from trio_ws.settings import LOG_FORMATS, LOG_LEVELS, Settings, SettingsError, on_off, parse_proxies
 
 LOGGER = logging.getLogger(__name__)
 
@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CIDRS",
         help="proxies whose X-Forwarded-For is believed, comma-separated (none)",
     )
+    add("--log-format", type=str.lower, choices=LOG_FORMATS, help="text or json lines (text)")
+    add("--metrics-port", type=int, metavar="PORT", help="serve /metrics on PORT, 0=off (0)")
+    add("--metrics-host", metavar="HOST", help="address of the metrics port (127.0.0.1)")
     add("--version", action="version", version=f"trio_ws {__version__}")
     return parser
 
@@ -105,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in (settings.certfile, settings.keyfile):
         if path is not None and not os.path.isfile(path):
             parser.exit(2, f"trio-ws: error: no such file: {path}\n")
-    configure_logging(settings.log_level_number)
+    configure_logging(settings.log_level_number, settings.log_format)
     try:
         trio.run(serving.serve, settings)
     except* OSError as group:

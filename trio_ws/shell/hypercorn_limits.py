@@ -34,7 +34,8 @@ here, :func:`install` raises :class:`HypercornLimitsError` and the server does n
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,9 @@ class WebSocketLimits:
     max_message_size: int
     #: Whether to negotiate permessage-deflate when a client offers it.
     compression: bool
+    #: Connections closed here, by close code (1009 over the size, 1002/1007 for wsproto's
+    #: parse errors), for /metrics. The counter object is shared; the dataclass stays frozen.
+    closed: Counter[int] = field(default_factory=Counter)
 
 
 def install() -> None:
@@ -245,6 +249,7 @@ async def _handle_events(self: WSStream) -> None:
 async def _refuse(self: WSStream, code: int, limits: WebSocketLimits) -> None:
     """Send ``code`` and close the connection now: nothing more is read or kept. The app gets
     ``websocket.disconnect`` (Hypercorn's StreamClosed), as after its own close."""
+    limits.closed[int(code)] += 1
     reason = None
     if code == CloseReason.MESSAGE_TOO_BIG:
         reason = f"message larger than {limits.max_message_size} bytes"

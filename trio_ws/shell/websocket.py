@@ -119,10 +119,12 @@ class WebSocketEndpoint:
                 protocol.validate_since(since)
             connection = hub.connect(client_id, peer, resuming=since is not None, attempt=attempt)
         except (ClientIdError, ResumeError) as error:
+            hub.note_invalid("bad_request")
             LOGGER.info("refused %s from %s: %s", loggable(_describe_path(scope)), peer, error)
             await _close(sink, CloseCode.POLICY_VIOLATION, str(error), peer)
             return
         except StaleAttemptError as error:
+            hub.note_invalid("stale_attempt")
             await _close(sink, CloseCode.REPLACED, str(error), peer)
             return
         try:
@@ -163,6 +165,7 @@ class WebSocketEndpoint:
                 return  # websocket.disconnect: the client is gone
             data = event.get("text")
             if data is None:
+                self.hub.note_limit_hit("binary")
                 connection.request_close(
                     CloseCode.UNSUPPORTED_DATA, "binary frames are not supported; send text"
                 )
@@ -170,6 +173,7 @@ class WebSocketEndpoint:
             # len() counts characters, each at least one byte in UTF-8.
             size = max_size + 1 if len(data) > max_size else protocol.utf8_size(data)
             if size > max_size:
+                self.hub.note_limit_hit("message_size")
                 connection.request_close(
                     CloseCode.MESSAGE_TOO_BIG, f"message larger than {max_size} bytes"
                 )
@@ -180,6 +184,7 @@ class WebSocketEndpoint:
             await publish(connection.client_id, data)
 
     def _close_flooder(self, connection: Connection, limit: PublishLimit) -> None:
+        self.hub.note_limit_hit("publish_rate")
         policy = limit.policy
         rules = []
         if policy.rate > 0:
@@ -195,6 +200,7 @@ class WebSocketEndpoint:
             connection.client_id,
             connection.peer,
             policy.close_after_s,
+            extra={"client": connection.client_id, "event": "rate_limited"},
         )
         error = protocol.error_frame(error="rate_limited", reason=reason, ts=self.hub.wall_time())
         connection.request_close(CloseCode.POLICY_VIOLATION, RATE_LIMITED_REASON, Frame(error))
