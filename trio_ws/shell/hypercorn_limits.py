@@ -142,7 +142,10 @@ def _limits(stream: WSStream) -> WebSocketLimits:
     own = getattr(getattr(stream.app, "app", None), "websocket_limits", None)
     configured = int(stream.config.websocket_max_message_size)
     if isinstance(own, WebSocketLimits):
-        return WebSocketLimits(min(own.max_message_size, configured), own.compression)
+        if own.max_message_size <= configured:
+            return own
+        # Same counter object: the app's /metrics still sees what this stream closes.
+        return WebSocketLimits(configured, own.compression, own.closed)
     return WebSocketLimits(configured, compression=True)
 
 
