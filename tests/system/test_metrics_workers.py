@@ -112,3 +112,15 @@ async def test_json_logs_one_object_a_line() -> None:
     assert "client alice connected" in entry["message"]
     # Every line from trio_ws is an object (Hypercorn's own "Running on" line is its own).
     assert all(line.startswith("{") for line in server.lines if "trio_ws" in line)
+
+
+async def test_a_busy_metrics_port_stops_the_launcher_with_one_line() -> None:
+    with trio.socket.socket() as busy:
+        await busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**FAST, "TRIO_WS_METRICS_PORT": str(port)}
+        async with running(LAUNCHER, env, ready=False) as server:
+            assert await server.wait_exit() == 1
+        await server.wait_for_line(rf"cannot start: cannot serve /metrics on .*:{port}/metrics")
+        assert not any("Traceback" in line for line in server.lines)
