@@ -245,33 +245,3 @@ def test_json_log_lines_carry_the_client_and_the_event() -> None:
     entry = json.loads(JsonFormatter().format(plain))
     assert "client" not in entry
     assert "ValueError: bad" in entry["exc_info"]
-
-
-@pytest.mark.parametrize(
-    ("env", "message"),
-    [
-        ({"TRIO_WS_LOG_FORMAT": "xml"}, "TRIO_WS_LOG_FORMAT must be text or json"),
-        ({"TRIO_WS_METRICS_PORT": "70000"}, "TRIO_WS_METRICS_PORT must be a TCP port"),
-        (
-            {"TRIO_WS_METRICS_PORT": "8000", "TRIO_WS_PORT": "8000"},
-            "TRIO_WS_METRICS_PORT must be a port other than TRIO_WS_PORT",
-        ),
-    ],
-)
-def test_metrics_and_log_settings_are_checked(env: dict[str, str], message: str) -> None:
-    from trio_ws.settings import SettingsError
-
-    with pytest.raises(SettingsError, match=message):
-        Settings.from_env(env)
-
-
-def test_metrics_are_off_and_logs_text_by_default() -> None:
-    default = Settings.from_env({})
-    assert (default.metrics_port, default.metrics_host, default.log_format) == (
-        0,
-        "127.0.0.1",
-        "text",
-    )
-    on = Settings.from_env({"TRIO_WS_METRICS_PORT": "9464", "TRIO_WS_LOG_FORMAT": "JSON"})
-    assert on.log_format == "json"
-    assert "metrics=http://127.0.0.1:9464/metrics" in on.describe()

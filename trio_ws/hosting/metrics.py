@@ -456,6 +456,13 @@ def write_snapshot(folder: Path, families: list[Family]) -> None:
     temporary.replace(path)  # atomic: a reader never sees half a snapshot
 
 
+def remove_snapshot(folder: Path) -> None:
+    """This worker's snapshot, and the folder if it was the last one in it."""
+    with contextlib.suppress(OSError):
+        (folder / f"{os.getpid()}.json").unlink(missing_ok=True)
+        folder.rmdir()
+
+
 def read_siblings(folder: Path, *, now: float | None = None) -> list[list[Family]]:
     """The other live workers' latest snapshots; those of exited workers are removed."""
     now = time.time() if now is None else now
@@ -576,8 +583,7 @@ class MetricsServer:
                     LOGGER.warning("metrics: cannot write a snapshot in %s: %r", folder, error)
                 await trio.sleep(SNAPSHOT_EVERY_S)
         finally:
-            with contextlib.suppress(OSError):
-                (folder / f"{os.getpid()}.json").unlink(missing_ok=True)
+            remove_snapshot(folder)
 
     async def _serve(self, listeners: list[trio.SocketListener]) -> None:
         await trio.serve_listeners(self._handle, listeners)
