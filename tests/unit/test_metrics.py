@@ -20,7 +20,7 @@ from trio_ws.brokers.local import LocalBroker
 from trio_ws.core.hub import Hub
 from trio_ws.core.protocol import CloseCode
 from trio_ws.core.stats import LATENCY_SAMPLE_EVERY, Histogram
-from trio_ws.hosting import metrics
+from trio_ws.hosting import metrics, metrics_server
 from trio_ws.hosting.logs import JsonFormatter, set_instance
 from trio_ws.settings import Settings
 
@@ -181,7 +181,7 @@ def test_workers_merge_by_each_metrics_rule_through_json() -> None:
 
 
 def test_siblings_snapshots_are_read_and_the_dead_ones_removed(tmp_path: Path) -> None:
-    assert metrics.prepare_folder(tmp_path / "group")
+    assert metrics_server.prepare_folder(tmp_path / "group")
     folder = tmp_path / "group"
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
@@ -196,14 +196,14 @@ def test_siblings_snapshots_are_read_and_the_dead_ones_removed(tmp_path: Path) -
         (folder / f"{dead_pid}.json").write_text(snapshot)
         (folder / f"{alive.pid}.json").write_text(snapshot)
         (folder / f"{os.getpid()}.json").write_text(snapshot)  # our own: we have it live
-        groups = metrics.read_siblings(folder)
+        groups = metrics_server.read_siblings(folder)
         assert [[f.samples for f in group] for group in groups] == [
             [[("trio_ws_connections", {"code": "1"}, 3.0)]]
         ]
         assert not (folder / f"{dead_pid}.json").exists()
         # A snapshot that stopped changing is left out (its worker is stuck).
-        later = time.time() + metrics.SNAPSHOT_STALE_S + 1
-        assert metrics.read_siblings(folder, now=later) == []
+        later = time.time() + metrics_server.SNAPSHOT_STALE_S + 1
+        assert metrics_server.read_siblings(folder, now=later) == []
     finally:
         alive.kill()
         alive.wait()
@@ -213,7 +213,7 @@ def test_a_folder_others_can_write_is_refused(tmp_path: Path) -> None:
     folder = tmp_path / "shared"
     folder.mkdir(mode=0o777)
     folder.chmod(0o777)
-    assert not metrics.prepare_folder(folder)
+    assert not metrics_server.prepare_folder(folder)
 
 
 def test_json_log_lines_carry_the_client_and_the_event() -> None:

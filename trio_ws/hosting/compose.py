@@ -16,7 +16,7 @@ from trio_ws.brokers.local import LocalBroker
 from trio_ws.core.broker import BrokerUnavailableError
 from trio_ws.core.drain import CLOSE_GRACE_S
 from trio_ws.core.hub import Hub
-from trio_ws.hosting import fdlimit, hypercorn_cli, metrics, modes, signals
+from trio_ws.hosting import fdlimit, hypercorn_cli, metrics, metrics_server, modes, signals
 from trio_ws.hosting.logs import configure_logging, set_instance
 from trio_ws.hosting.modes import RunMode
 from trio_ws.hosting.sockets import tune_listeners
@@ -152,17 +152,17 @@ async def _start_metrics(settings: Settings, hub: Hub, app: TrioWsApp, mode: Run
     ``--workers N`` every worker shares its figures with the one that holds the port."""
     folder = None
     if mode is RunMode.HYPERCORN_WORKER:
-        folder = metrics.group_folder()
-        if not metrics.prepare_folder(folder):
+        folder = metrics_server.group_folder()
+        if not metrics_server.prepare_folder(folder):
             folder = None
     sources = metrics.Sources(
         hub, limits=app.websocket_limits, loop_lag=metrics.LoopLag(), mode=mode.value
     )
-    server = metrics.MetricsServer(settings, sources, folder=folder)
+    server = metrics_server.MetricsServer(settings, sources, folder=folder)
     app.metrics = server
     try:
         await app.nursery.start(server.run)
-    except* metrics.MetricsBindError as group:
+    except* metrics_server.MetricsBindError as group:
         if mode is RunMode.EMBEDDED:
             raise
         error = group.exceptions[0]
