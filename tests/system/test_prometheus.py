@@ -132,6 +132,9 @@ async def test_prometheus_stores_the_traffic_and_the_drain(tmp_path: Path) -> No
             for ws in clients[2:]:
                 assert (await next_frame(ws))["type"] == "shutdown"
             await clients[2].aclose()  # leaves by itself during the drain
+            late = await connect_websocket_url(nursery, f"{url}/late")
+            assert (await close_code(late))[0] == 1001  # refused: the instance is draining
+            await api.until('trio_ws_connections_refused_total{reason="draining"}', 1)
             await server.wait_for_line(r"drain: client c2 left")
             await api.until("trio_ws_drain_connections_left", 2)
             await api.until('trio_ws_drain_connections_ended{how="left"}', 1)
@@ -148,6 +151,7 @@ async def test_prometheus_stores_the_traffic_and_the_drain(tmp_path: Path) -> No
             assert health["connections_total"] == 5
             assert await api.value('trio_ws_broadcasts_total{kind="message"}') == 10
             assert health["messages_broadcast"] == 10
+            assert health["refused_during_drain"] == 1
             deadline = await api.value("trio_ws_drain_deadline_timestamp_seconds")
             started = await api.value("trio_ws_drain_started_timestamp_seconds")
             assert deadline is not None
@@ -161,7 +165,9 @@ async def test_prometheus_stores_the_traffic_and_the_drain(tmp_path: Path) -> No
         # The closing note's evidence: the lines of a scrape during the drain that matter.
         print("\n[scrape during the drain]", file=sys.stderr)
         for line in text.splitlines():
-            if re.match(r"trio_ws_(drain|connections |deliveries|messages_rec|broker_up)", line):
+            if re.match(
+                r"trio_ws_(drain|connections |deliveries|messages_rec|broker_up)", line
+            ) or ("draining" in line):
                 print(line, file=sys.stderr)
         code, output = await trio.to_thread.run_sync(
             lambda: run(promtool(), "check", "metrics", stdin=text)
