@@ -126,3 +126,19 @@ async def test_a_busy_metrics_port_stops_the_launcher_with_one_line() -> None:
             assert await server.wait_exit() == 1
         await server.wait_for_line(rf"cannot start: cannot serve /metrics on .*:{port}/metrics")
         assert not any("Traceback" in line for line in server.lines)
+
+
+async def test_metrics_under_hypercorn_workers_0() -> None:
+    port = free_port()
+    env = {**FAST, "TRIO_WS_METRICS_PORT": str(port)}
+    async with running(hypercorn("--workers", "0"), env) as server:
+        url = await server.ws_url()
+        async with trio.open_nursery() as nursery:
+            ws = await connect_websocket_url(nursery, f"{url}/only")
+            await next_frame(ws)
+            samples = await scrape_until(port, "trio_ws_connections", 1)
+            assert samples["trio_ws_processes"] == 1
+            assert samples["trio_ws_info,mode=hypercorn-inprocess,version=0.1.0"] == 1
+            await ws.aclose()
+        server.send(signal.SIGTERM)
+        assert await server.wait_exit() == 0
