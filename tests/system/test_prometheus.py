@@ -103,6 +103,8 @@ async def test_prometheus_stores_the_traffic_and_the_drain(tmp_path: Path) -> No
         "TRIO_WS_BROADCAST_INTERVAL": "0",
         "TRIO_WS_PRESENCE_INTERVAL": "0",
         "TRIO_WS_METRICS_PORT": str(metrics_port),
+        # /health's counters, compared below (main's public /health hides them without it).
+        "TRIO_WS_HEALTH_DETAIL": "on",
     }
     try:
         await trio.to_thread.run_sync(
