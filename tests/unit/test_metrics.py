@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from trio_ws.brokers.local import LocalBroker
 from trio_ws.core.hub import Hub
-from trio_ws.core.protocol import CloseCode
-from trio_ws.core.stats import LATENCY_SAMPLE_EVERY, Histogram
+from trio_ws.core.outbox import Outbox, Written
+from trio_ws.core.protocol import CloseCode, Frame
+from trio_ws.core.stats import LATENCY_SAMPLE_EVERY, Histogram, WriteStats
 from trio_ws.hosting import metrics, metrics_server
 from trio_ws.hosting.logs import JsonFormatter, set_instance
 from trio_ws.settings import Settings
@@ -68,9 +70,37 @@ async def test_deliveries_and_bytes_are_counted_per_broadcast() -> None:
     assert value(samples, "trio_ws_broadcasts_total", kind="message") == 2
     assert value(samples, "trio_ws_deliveries_total") == 6
     assert value(samples, "trio_ws_delivered_bytes_total") == 3 * sum(sizes)
-    # No writer ran: every frame was queued (three welcomes, six broadcasts).
-    assert value(samples, "trio_ws_frames_queued_total") == 9
+    # No writer ran: nothing was written from a queue.
+    assert value(samples, "trio_ws_backlog_frames_total") == 0
     assert value(samples, "trio_ws_connections_opened_total") == 3
+
+
+async def test_writers_count_their_batches_not_each_frame() -> None:
+    stats = WriteStats()
+    outbox = Outbox(max_frames=10, batch_limit=1 << 16, stats=stats)
+    for text in ("a", "b", "c"):
+        assert outbox.offer(Frame(text))
+    assert (stats.batches, stats.backlog_frames) == (0, 0)  # queueing counts nothing
+
+    class Sink:
+        kind = "test"
+        written: list[Frame] = []  # noqa: RUF012
+
+        def try_write(self, frame: Frame) -> Written:
+            return Written.NOTHING
+
+        async def write(self, frames: Any) -> bool:
+            self.written.extend(frames)
+            return True
+
+        async def close(self, code: int, reason: str) -> None:
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outbox.run_writer, Sink())
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert (stats.batches, stats.backlog_frames) == (1, 3)
 
 
 async def test_closes_are_counted_by_code_and_evictions_named() -> None:

@@ -138,8 +138,6 @@ class Outbox:
         size = len(frame.wire)
         if len(self._frames) >= self._max_frames or self._queued_bytes + size > self._max_bytes:
             return False
-        if frame is not WAKE:
-            self.stats.queued += 1
         self._frames.append(frame)
         self._queued_bytes += size
         if self._wakeup is not None:
@@ -186,7 +184,11 @@ class Outbox:
                 # the socket takes at once has none either: let a cancellation in here.
                 await trio.lowlevel.checkpoint_if_cancelled()
                 batch = await self.next_batch()
-                self.stats.batches += 1
+                # Counted per batch (one socket write), never per frame offered: a broadcast
+                # costs nothing here whichever way its frame leaves.
+                stats = self.stats
+                stats.batches += 1
+                stats.backlog_frames += len(batch)
                 if not await sink.write(batch):
                     return  # closing: what is queued goes with the connection
         finally:

@@ -97,15 +97,16 @@ class HubStats:
 
 
 class WriteStats:
-    """How frames left the outboxes: shared by every outbox of a hub. Counted on the slow path
-    only: a frame written straight through adds nothing here (it is ``deliveries - queued``)."""
+    """How frames left the outboxes: shared by every outbox of a hub. Counted by the writer
+    tasks, once per batch they write, never per frame offered: a frame written straight through
+    adds nothing here (those are about ``deliveries - backlog_frames``)."""
 
-    __slots__ = ("batches", "partial", "queued")
+    __slots__ = ("backlog_frames", "batches", "partial")
 
     def __init__(self) -> None:
-        #: Frames that joined a client's queue instead of being written at once.
-        self.queued = 0
+        #: Batch writes made by writer tasks to catch up on a queue (one socket write each).
+        self.batches = 0
+        #: The frames those batches carried.
+        self.backlog_frames = 0
         #: Frames the socket took only in part, finished by the writer task.
         self.partial = 0
-        #: Batch writes made by writer tasks to catch up on a queue.
-        self.batches = 0

@@ -171,11 +171,11 @@ def collect(sources: Sources) -> list[Family]:
     )
     writes = hub.write_stats
     family(
-        "trio_ws_frames_queued",
+        "trio_ws_backlog_frames",
         "counter",
-        "Frames queued behind a busy socket instead of written at once (the rest went "
+        "Frames written by a writer task from a client's queue (the other deliveries went "
         "straight through).",
-    ).add(writes.queued, "_total")
+    ).add(writes.backlog_frames, "_total")
     family(
         "trio_ws_backlog_writes", "counter", "Writes of a queue's backlog by a writer task."
     ).add(writes.batches, "_total")
