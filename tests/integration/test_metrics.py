@@ -4,6 +4,7 @@ Prometheus's own promtool accepts the exposition."""
 from __future__ import annotations
 
 import subprocess
+from typing import Any
 
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -11,9 +12,15 @@ from trio_websocket import open_websocket_url
 
 from tests.conftest import StartServer
 from tests.live import free_port, require_tool
-from tests.wsutil import close_code, http_get, next_frame
+from tests.redisutil import redis_server
+from tests.wsutil import close_code, http_get, next_frame, wait_until
+from trio_ws.brokers.redis import RedisBroker
+from trio_ws.core.broker import BrokerState
 from trio_ws.core.health import health_report
+from trio_ws.core.hub import Hub
+from trio_ws.hosting import metrics
 from trio_ws.hosting.launcher import RunningServer
+from trio_ws.settings import Settings
 
 
 def metrics_url(server: RunningServer) -> str:
@@ -91,3 +98,41 @@ async def test_only_get_metrics_is_answered(start_server: StartServer) -> None:
 
 async def test_metrics_stay_off_by_default(server: RunningServer) -> None:
     assert server.app.metrics is None
+
+
+async def test_a_redis_cluster_and_its_outage_are_described(tmp_path: Any) -> None:
+    def scrape_hub(hub: Hub) -> dict[str, float]:
+        text = metrics.render(metrics.collect(metrics.Sources(hub))).decode()
+        return {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if not sample.labels
+        }
+
+    async with redis_server(str(tmp_path)) as redis, trio.open_nursery() as nursery:
+        settings = Settings(broadcast_interval=0, presence_interval=0, redis_url=redis.url)
+        hubs = [Hub(settings, broker=RedisBroker(redis.url), instance_id=n) for n in "ab"]
+        for hub in hubs:
+            await nursery.start(hub.run)
+        hubs[0].connect("x", "p")
+        await hubs[1].publish("y", "hello")
+        await wait_until(lambda: all(h.stats.message_broadcasts == 1 for h in hubs), timeout=10)
+        await wait_until(lambda: scrape_hub(hubs[0]).get("trio_ws_cluster_instances") == 2, 10)
+        samples = scrape_hub(hubs[0])
+        assert samples["trio_ws_broker_up"] == 1
+        assert samples["trio_ws_cluster_connections"] == 1
+        assert samples["trio_ws_deliveries_total"] == 1
+        await redis.kill()
+        await wait_until(lambda: hubs[0].broker.state is not BrokerState.UP, timeout=20)
+        await trio.sleep(0.2)
+        samples = scrape_hub(hubs[0])
+        assert samples["trio_ws_broker_up"] == 0
+        assert samples["trio_ws_broker_outage_seconds"] > 0
+        assert samples["trio_ws_broker_outages_total"] == 1
+        await redis.start()
+        await wait_until(lambda: hubs[0].broker.state is BrokerState.UP, timeout=20)
+        samples = scrape_hub(hubs[0])
+        assert samples["trio_ws_broker_up"] == 1
+        assert samples["trio_ws_broker_outage_seconds"] == 0
+        nursery.cancel_scope.cancel()
