@@ -56,6 +56,8 @@ def free_port() -> int:
 
 #: ``ServerKind.env`` values equal to this are replaced with the shared Redis's URL.
 REDIS_URL = "{redis}"
+#: ``ServerKind.env`` values equal to this are replaced with a free port.
+FREE_PORT = "{free_port}"
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,21 @@ SERVERS = {
             "TRIO_WS_PUBLISH_RATE": "0",
             "TRIO_WS_PUBLISH_BYTES_RATE": "0",
             "TRIO_WS_REDIS_URL": REDIS_URL,
+        },
+        welcome=True,
+    ),
+    # trio_ws with /metrics served (nobody scrapes during the run): what counting costs.
+    "trio_ws+metrics": ServerKind(
+        "trio_ws+metrics",
+        lambda port: [sys.executable, "-m", "trio_ws", "--port", str(port)],
+        {
+            "TRIO_WS_PING_INTERVAL": "0",
+            "TRIO_WS_BROADCAST_INTERVAL": "0",
+            "TRIO_WS_LOG_LEVEL": "WARNING",
+            "TRIO_WS_DRAIN_TIMEOUT": "0",
+            "TRIO_WS_PUBLISH_RATE": "0",
+            "TRIO_WS_PUBLISH_BYTES_RATE": "0",
+            "TRIO_WS_METRICS_PORT": FREE_PORT,
         },
         welcome=True,
     ),
@@ -260,6 +277,7 @@ def running(kind: ServerKind) -> Iterator[Server]:
         key: f"redis://127.0.0.1:{shared_redis()}/0" if value == REDIS_URL else value
         for key, value in kind.env.items()
     }
+    env = {key: str(free_port()) if value == FREE_PORT else value for key, value in env.items()}
     process = subprocess.Popen(
         kind.argv(port),
         cwd=kind.cwd or ROOT,

@@ -23,6 +23,7 @@ ENV_PREFIX = "TRIO_WS_"
 _PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("text", "json")
 
 #: ``TRIO_WS_CLIENT_PUBLISH``: who among the WebSocket clients may publish.
 CLIENT_PUBLISH_POLICIES = ("all", "token", "none")
@@ -158,6 +159,15 @@ class Settings:
     #: Redis (during an outage, above all); each counted as its text, its sender and 64 bytes.
     #: Past it: backpressure while Redis is up, the oldest not sent to the cluster while down.
     redis_pending_max_bytes: int = 32 * 1024 * 1024
+    #: ``text`` (one readable line per event) or ``json`` (one JSON object per line, for log
+    #: shippers).
+    log_format: str = "text"
+    #: TCP port of the Prometheus endpoint (``/metrics``); 0 (the default) serves none. Under
+    #: Hypercorn's ``--workers N`` one worker serves the whole group's figures on it.
+    metrics_port: int = 0
+    #: Address the metrics port listens on: loopback by default, since ``/metrics`` has no
+    #: authentication; ``0.0.0.0`` for a scraper on another host (a Kubernetes pod IP).
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "a TCP port from 0 to 65535")
@@ -333,6 +343,19 @@ class Settings:
             self.api_publisher_name,
             "@ followed by 1-63 characters of A-Z a-z 0-9 _ . -",
         )
+        _check(self.log_format in LOG_FORMATS, "log_format", self.log_format, "text or json")
+        _check(
+            0 <= self.metrics_port <= 65535,
+            "metrics_port",
+            self.metrics_port,
+            "a TCP port from 1 to 65535, or 0 (off)",
+        )
+        _check(
+            self.metrics_port == 0 or self.metrics_port != self.port,
+            "metrics_port",
+            self.metrics_port,
+            "a port other than TRIO_WS_PORT",
+        )
         _check(
             (self.certfile is None) == (self.keyfile is None),
             "certfile",
@@ -410,8 +433,16 @@ class Settings:
             f"api={'on' if self.api_key is not None else 'off'} "
             f"health_detail={'on' if self.health_detail else 'off'} "
             f"allowed_origins={','.join(self.allowed_origins) or 'same-origin'} "
-            f"tokens={self.jwt_algorithm if self.tokens_enabled else 'off'}"
+            f"tokens={self.jwt_algorithm if self.tokens_enabled else 'off'} "
+            f"log_format={self.log_format} metrics={self.metrics_description}"
         )
+
+    @property
+    def metrics_description(self) -> str:
+        if self.metrics_port == 0:
+            return "off"
+        host = f"[{self.metrics_host}]" if ":" in self.metrics_host else self.metrics_host
+        return f"http://{host}:{self.metrics_port}/metrics"
 
     @property
     def broker_description(self) -> str:
@@ -570,6 +601,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "jwt_audience": str,
     "jwt_issuer": str,
     "redis_pending_max_bytes": int,
+    "log_format": _lower,
+    "metrics_port": int,
+    "metrics_host": str,
 }
 
 

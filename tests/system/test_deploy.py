@@ -152,7 +152,7 @@ def test_kubernetes_example_waits_for_the_drain_and_probes_ready_and_health() ->
     # Several replicas only share broadcasts through a broker (README, "Scaling").
     if objects["Deployment"]["spec"].get("replicas", 1) > 1:
         assert Settings(redis_url=env["TRIO_WS_REDIS_URL"]).redis_url is not None
-    [port] = container["ports"]
+    [port] = [p for p in container["ports"] if p["name"] == "http"]
     assert port["containerPort"] == 8000  # the Dockerfile's TRIO_WS_PORT
     assert "TRIO_WS_PORT=8000" in (DEPLOY / "Dockerfile").read_text()
     ready, health = container["readinessProbe"], container["livenessProbe"]

@@ -337,3 +337,31 @@ def test_the_pending_byte_budget_holds_hundreds_of_maximum_size_messages() -> No
                 "TRIO_WS_REDIS_PENDING_MAX_BYTES": "65536",
             }
         )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TRIO_WS_LOG_FORMAT": "xml"}, "TRIO_WS_LOG_FORMAT must be text or json"),
+        ({"TRIO_WS_METRICS_PORT": "70000"}, "TRIO_WS_METRICS_PORT must be a TCP port"),
+        (
+            {"TRIO_WS_METRICS_PORT": "8000", "TRIO_WS_PORT": "8000"},
+            "TRIO_WS_METRICS_PORT must be a port other than TRIO_WS_PORT",
+        ),
+    ],
+)
+def test_metrics_and_log_settings_are_checked(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(env)
+
+
+def test_metrics_are_off_and_logs_text_by_default() -> None:
+    default = Settings.from_env({})
+    assert (default.metrics_port, default.metrics_host, default.log_format) == (
+        0,
+        "127.0.0.1",
+        "text",
+    )
+    on = Settings.from_env({"TRIO_WS_METRICS_PORT": "9464", "TRIO_WS_LOG_FORMAT": "JSON"})
+    assert on.log_format == "json"
+    assert "metrics=http://127.0.0.1:9464/metrics" in on.describe()

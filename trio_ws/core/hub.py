@@ -33,6 +33,7 @@ from trio_ws.core.liveness import LivenessPolicy, LivenessSchedule
 from trio_ws.core.origins import OriginPolicy
 from trio_ws.core.protocol import PING, RESUME_KEY_PATTERN, CloseCode, Frame
 from trio_ws.core.registry import Connection, Registry
+from trio_ws.core.stats import LATENCY_SAMPLE_EVERY, HubStats, WriteStats
 from trio_ws.core.throttle import Throttle
 from trio_ws.core.tokens import EXPIRED_REASON
 from trio_ws.core.words import loggable, plural
@@ -86,6 +87,9 @@ class Hub:
         #: The pace of the refusal lines (see :data:`REFUSAL_LOG_EVERY_S`).
         self.origin_refusals = Throttle(REFUSAL_LOG_EVERY_S)
         self.token_refusals = Throttle(REFUSAL_LOG_EVERY_S)
+        #: Counters for /metrics, read when a scrape asks (trio_ws/core/stats.py).
+        self.stats = HubStats()
+        self.write_stats = WriteStats()
         self.registry = Registry(on_evicted=self._evicted)
         #: Names this process in the welcome frame, /health and the cluster.
         self.instance_id = instance_id if instance_id is not None else protocol.new_instance_id()
@@ -235,6 +239,7 @@ class Hub:
             resume_key=key,
             slot=slot,
             authenticated=authenticated,
+            write_stats=self.write_stats,
         )
         previous = self.registry.add(connection)
         if not resuming:
@@ -255,6 +260,7 @@ class Hub:
             peer,
             " (token)" if authenticated else "",
             plural(len(self.registry), "active connection"),
+            extra={"client": client_id, "event": "connected"},
         )
         return connection
 
@@ -375,12 +381,18 @@ class Hub:
             if not connection.offer(frame):
                 connection.request_close(CloseCode.SLOW_CONSUMER, "too much to replay")
                 return
+        stats = self.stats
+        stats.resumes += 1
+        stats.replayed += len(replayed)
+        if not history.complete:
+            stats.resumes_incomplete += 1
         LOGGER.info(
             "client %s resumed after %s: %d broadcasts replayed%s",
             connection.client_id,
             loggable(since),
             len(replayed),
             "" if history.complete else ", some were no longer available",
+            extra={"client": connection.client_id, "event": "resumed"},
         )
 
     def watch(self, connection: Connection) -> None:
@@ -406,6 +418,7 @@ class Hub:
             self.broker.release_id(
                 connection.client_id, claim_value(connection.resume_key, connection.attempt)
             )
+        self._count_closed(connection)
         self._presence_changed.set()
         if self.drain.requested:
             self.drain.note_gone(connection, len(self.registry))
@@ -415,6 +428,7 @@ class Hub:
             connection.client_id,
             self._wall_clock() - connection.connected_at,
             plural(len(self.registry), "active connection"),
+            extra={"client": connection.client_id, "event": "disconnected"},
         )
 
     def kick(self, client_id: str, who: str) -> bool:
@@ -447,12 +461,28 @@ class Hub:
                 count,
             )
 
+    def _count_closed(self, connection: Connection) -> None:
+        code = connection.close_code
+        self.stats.closed["none" if code is None else str(code)] += 1
+
     def _evicted(self, connection: Connection) -> None:
+        self._count_closed(connection)
         if self.drain.requested:
             self.drain.note_gone(connection, len(self.registry))
 
     def note_refused(self, peer: str) -> None:
+        """A connection refused because the hub is draining (1001)."""
         self.drain.note_refused(peer)
+
+    def note_invalid(self, reason: str) -> None:
+        """A connection refused before it was registered for what it asked (``bad_request``:
+        an invalid client id or resume position; ``stale_attempt``)."""
+        self.stats.refused[reason] += 1
+
+    def note_limit_hit(self, limit: str) -> None:
+        """A connection closed for breaking a per-connection limit (``publish_rate``,
+        ``message_size``, ``binary``)."""
+        self.stats.limits_hit[limit] += 1
 
     # -- broadcasting --------------------------------------------------------------------------
 
@@ -462,6 +492,7 @@ class Hub:
         With the in-process broker the frames are queued before this returns; with Redis it
         may wait while too many messages are on their way (backpressure on this sender only).
         """
+        self.stats.messages_received += 1
         await self.broker.publish(Outgoing("message", self._wall_clock(), sender, text))
 
     async def broadcast_periodic(self) -> None:
@@ -471,9 +502,25 @@ class Hub:
 
     def deliver(self, broadcast: Broadcast) -> None:
         """Called by the broker for every broadcast of the cluster, in order: one JSON encoding,
-        then a fan-out to this process's clients that never waits for a socket."""
+        then a fan-out to this process's clients that never waits for a socket.
+
+        Counted once per broadcast, never per client (trio_ws/core/stats.py)."""
         self.messages_broadcast += 1
-        self.registry.broadcast(self._frame(broadcast))
+        frame = self._frame(broadcast)
+        delivered = self.registry.broadcast(frame)
+        stats = self.stats
+        stats.deliveries += delivered
+        if delivered:
+            stats.bytes_delivered += delivered * len(frame.wire)
+        message = broadcast.message
+        if message.kind == "message":
+            stats.message_broadcasts += 1
+        else:
+            stats.periodic_broadcasts += 1
+        if self.messages_broadcast % LATENCY_SAMPLE_EVERY == 0:
+            lag = max(0.0, self._wall_clock() - message.ts)
+            stats.latency.observe(lag)
+            stats.last_lag = lag
 
     @staticmethod
     def _frame(broadcast: Broadcast) -> Frame:

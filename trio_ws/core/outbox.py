@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from trio_ws.core.protocol import Frame
+from trio_ws.core.stats import WriteStats
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -83,10 +84,16 @@ class Outbox:
         "_sink",
         "_wakeup",
         "batch_limit",
+        "stats",
     )
 
     def __init__(
-        self, *, max_frames: int, max_bytes: int | None = None, batch_limit: int = 0
+        self,
+        *,
+        max_frames: int,
+        max_bytes: int | None = None,
+        batch_limit: int = 0,
+        stats: WriteStats | None = None,
     ) -> None:
         self._frames: collections.deque[Frame] = collections.deque()
         self._max_frames = max_frames
@@ -96,6 +103,8 @@ class Outbox:
         self.batch_limit = batch_limit
         self._sink: Sink | None = None
         self._wakeup: trio.Event | None = None
+        #: Where the slow path is counted (the hub's, shared by every outbox).
+        self.stats = stats if stats is not None else WriteStats()
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -125,6 +134,7 @@ class Outbox:
                 return True
             if written is Written.PARTIAL:
                 frame = WAKE
+                self.stats.partial += 1
         size = len(frame.wire)
         if len(self._frames) >= self._max_frames or self._queued_bytes + size > self._max_bytes:
             return False
@@ -174,6 +184,11 @@ class Outbox:
                 # the socket takes at once has none either: let a cancellation in here.
                 await trio.lowlevel.checkpoint_if_cancelled()
                 batch = await self.next_batch()
+                # Counted per batch (one socket write), never per frame offered: a broadcast
+                # costs nothing here whichever way its frame leaves.
+                stats = self.stats
+                stats.batches += 1
+                stats.backlog_frames += len(batch)
                 if not await sink.write(batch):
                     return  # closing: what is queued goes with the connection
         finally:

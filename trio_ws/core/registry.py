@@ -35,6 +35,8 @@ from trio_ws.core.words import plural
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from trio_ws.core.stats import WriteStats
+
 LOGGER = logging.getLogger(__name__)
 
 
@@ -75,6 +77,7 @@ class Connection:
         resume_key: str | None = None,
         slot: str | None = None,
         authenticated: bool = False,
+        write_stats: WriteStats | None = None,
     ) -> None:
         self.client_id = client_id
         #: Where the registry keeps it: the client id, or with tokens one slot per connection.
@@ -88,7 +91,9 @@ class Connection:
         self.peer = peer
         #: Wall-clock time (seconds since the epoch) of the handshake.
         self.connected_at = connected_at
-        self.outbox = Outbox(max_frames=queue_size, max_bytes=max_bytes, batch_limit=batch_limit)
+        self.outbox = Outbox(
+            max_frames=queue_size, max_bytes=max_bytes, batch_limit=batch_limit, stats=write_stats
+        )
         self.close_code: int | None = None
         self.close_reason = ""
         #: A frame the shell writes just before the close frame (an ``error`` frame), if any.
@@ -239,6 +244,7 @@ class Registry:
                 len(connection.outbox),
                 connection.outbox.queued_bytes,
                 plural(len(self._connections), "connection"),
+                extra={"client": connection.client_id, "event": "evicted"},
             )
             if self._on_evicted is not None:
                 self._on_evicted(connection)

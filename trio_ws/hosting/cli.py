@@ -23,6 +23,7 @@ from trio_ws.core.tokens import mint_token, policy_from_settings
 from trio_ws.hosting import launcher as serving
 from trio_ws.hosting.logs import configure_logging
 from trio_ws.settings import (
+    LOG_FORMATS,
     LOG_LEVELS,
     Settings,
     SettingsError,
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="memory held in messages waiting for Redis (33554432)",
     )
+    add("--log-format", type=str.lower, choices=LOG_FORMATS, help="text or json lines (text)")
+    add("--metrics-port", type=int, metavar="PORT", help="serve /metrics on PORT, 0=off (0)")
+    add("--metrics-host", metavar="HOST", help="address of the metrics port (127.0.0.1)")
     add("--version", action="version", version=f"trio_ws {__version__}")
     return parser
 
@@ -218,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         policy_from_settings(settings, lambda path: Path(path).read_text())
     except (OSError, ValueError) as error:
         parser.exit(2, f"trio-ws: error: cannot use the token key: {error}\n")
-    configure_logging(settings.log_level_number)
+    configure_logging(settings.log_level_number, settings.log_format)
     try:
         trio.run(serving.serve, settings)
     except* OSError as group:

@@ -18,8 +18,8 @@ from trio_ws.core.broker import BrokerUnavailableError
 from trio_ws.core.drain import CLOSE_GRACE_S
 from trio_ws.core.hub import Hub
 from trio_ws.core.tokens import policy_from_settings
-from trio_ws.hosting import fdlimit, hypercorn_cli, modes, signals
-from trio_ws.hosting.logs import configure_logging
+from trio_ws.hosting import fdlimit, hypercorn_cli, metrics, metrics_server, modes, signals
+from trio_ws.hosting.logs import configure_logging, set_instance
 from trio_ws.hosting.modes import RunMode
 from trio_ws.hosting.sockets import tune_listeners
 from trio_ws.settings import Settings, stream_entry_bytes
@@ -92,7 +92,7 @@ def build_app(
     """
     if settings is None:
         settings = Settings.from_env(os.environ)
-    configure_logging(settings.log_level_number)
+    configure_logging(settings.log_level_number, settings.log_format)
     try:
         # Before anything is served, in every run mode: without it one client can stop the
         # server (docs/design/hypercorn.md, "Errors inside Hypercorn").
@@ -103,6 +103,7 @@ def build_app(
     except (hypercorn_guard.HypercornGuardError, hypercorn_limits.HypercornLimitsError) as error:
         signals.exit_at_startup(str(error))
     hub = hub if hub is not None else create_hub(settings)
+    set_instance(hub.instance_id)
     app = create_app(hub, lifespan=partial(_lifespan, settings, hub, run_mode))
     app.direct = DirectPath(enabled=direct_writes)
     return app
@@ -125,6 +126,8 @@ async def _lifespan(
     # Before the first connection: the cap must fit under the file limit.
     fdlimit.apply_file_limit(hub.admission)
     tune_gc()
+    if settings.metrics_port:
+        await _start_metrics(settings, hub, app, mode)
     try:
         await app.nursery.start(hub.run)
     except* BrokerUnavailableError as group:
@@ -148,3 +151,25 @@ async def _lifespan(
     # tasks (the broker's among them) as soon as this returns.
     with trio.move_on_after(CLOSE_GRACE_S + LEAVE_TIMEOUT_S):
         await hub.wait_finished()
+
+
+async def _start_metrics(settings: Settings, hub: Hub, app: TrioWsApp, mode: RunMode) -> None:
+    """Serve /metrics beside the app until the process ends (docs/metrics.md). Under
+    ``--workers N`` every worker shares its figures with the one that holds the port."""
+    folder = None
+    if mode is RunMode.HYPERCORN_WORKER:
+        folder = metrics_server.group_folder()
+        if not metrics_server.prepare_folder(folder):
+            folder = None
+    sources = metrics.Sources(
+        hub, limits=app.websocket_limits, loop_lag=metrics.LoopLag(), mode=mode.value
+    )
+    server = metrics_server.MetricsServer(settings, sources, folder=folder)
+    app.metrics = server
+    try:
+        await app.nursery.start(server.run)
+    except* metrics_server.MetricsBindError as group:
+        if mode is RunMode.EMBEDDED:
+            raise
+        error = group.exceptions[0]
+        signals.exit_at_startup(getattr(error, "strerror", None) or str(error))

@@ -1,5 +1,10 @@
 """Logging for operators: one line per event, with the process id (several workers share a log).
 
+Two formats (``TRIO_WS_LOG_FORMAT``): ``text``, one readable line, and ``json``, one JSON
+object per line for log shippers (:class:`JsonFormatter`): ``time``, ``level``, ``logger``,
+``message``, ``pid``, ``instance``, and ``client`` and ``event`` when the line is about one
+client (the code passes them as ``extra={"client": ..., "event": ...}``).
+
 Also the accept loop's errors: Hypercorn serves its listeners with ``trio.serve_listeners``,
 which logs every failed ``accept()`` (EMFILE when the process is out of file descriptors, also
 ENFILE, ENOMEM, ENOBUFS) on the ``trio.serve_listeners`` logger, with a traceback, and retries
@@ -9,6 +14,7 @@ line through per interval, with the count, and no traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -58,21 +64,62 @@ def install_accept_error_filter() -> None:
         logger.addFilter(AcceptErrorFilter())
 
 
-def configure_logging(level: int) -> None:
-    """Send ``trio_ws`` logs (and the accept loop's errors) to stderr at ``level``, unless the
-    host already set up logging.
+#: Names this process in JSON lines (the hub's instance id, once there is a hub).
+_instance: str | None = None
 
-    Idempotent: a second call only changes the level.
+
+def set_instance(instance_id: str) -> None:
+    global _instance  # one process, one instance id
+    _instance = instance_id
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (a traceback goes into ``exc_info``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": _iso(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+            "instance": _instance,
+        }
+        for key in ("client", "event"):
+            value = getattr(record, key, None)
+            if value is not None:
+                entry[key] = value
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        # ensure_ascii: a client string (already cut by loggable()) cannot break the line.
+        return json.dumps(entry, ensure_ascii=True, default=str)
+
+
+def _iso(created: float) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+    return f"{seconds}.{int(created % 1 * 1000):03d}Z"
+
+
+def make_formatter(log_format: str) -> logging.Formatter:
+    return JsonFormatter() if log_format == "json" else logging.Formatter(LOG_FORMAT)
+
+
+def configure_logging(level: int, log_format: str = "text") -> None:
+    """Send ``trio_ws`` logs (and the accept loop's errors) to stderr at ``level``, in
+    ``log_format`` (``text`` or ``json``), unless the host already set up logging.
+
+    Idempotent: a second call only changes the level and the format.
     """
     install_accept_error_filter()
     logger = logging.getLogger("trio_ws")
     logger.setLevel(level)
-    if logging.getLogger().handlers or any(
-        getattr(handler, "_trio_ws", False) for handler in logger.handlers
-    ):
+    ours = [handler for handler in logger.handlers if getattr(handler, "_trio_ws", False)]
+    for handler in ours:
+        handler.setFormatter(make_formatter(log_format))
+    if logging.getLogger().handlers or ours:
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(make_formatter(log_format))
     handler._trio_ws = True  # type: ignore[attr-defined]  # marks our own handler
     logger.addHandler(handler)
     logging.getLogger(ACCEPT_LOGGER).addHandler(handler)

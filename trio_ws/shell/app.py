@@ -55,6 +55,8 @@ class TrioWsApp(QuartTrio):
     direct: DirectPath
     #: How the process was started, for /health (set by the host's lifespan).
     run_mode: Any = None
+    #: The /metrics server, when TRIO_WS_METRICS_PORT is set (set by the host's lifespan).
+    metrics: Any = None
     #: What one incoming message may be, applied inside Hypercorn (shell/hypercorn_limits.py).
     websocket_limits: WebSocketLimits
 

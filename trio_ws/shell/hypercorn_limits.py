@@ -40,7 +40,8 @@ here, :func:`install` raises :class:`HypercornLimitsError` and the server does n
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -99,6 +100,9 @@ class WebSocketLimits:
     own_pings: bool = False
     #: Told of each frame wsproto refused as malformed: (close code, what, peer).
     on_protocol_error: Callable[[int, str, str], None] | None = None
+    #: Connections closed here, by close code (1009 over the size, 1002/1007 for wsproto's
+    #: parse errors), for /metrics. The counter object is shared; the dataclass stays frozen.
+    closed: Counter[int] = field(default_factory=Counter)
 
 
 def install() -> None:
@@ -302,6 +306,7 @@ def _peer(stream: WSStream) -> str:
 async def _refuse(self: WSStream, code: int, limits: WebSocketLimits) -> None:
     """Send ``code`` and close the connection now: nothing more is read or kept. The app gets
     ``websocket.disconnect`` (Hypercorn's StreamClosed), as after its own close."""
+    limits.closed[int(code)] += 1
     reason = None
     if code == CloseReason.MESSAGE_TOO_BIG:
         reason = f"message larger than {limits.max_message_size} bytes"

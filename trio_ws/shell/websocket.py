@@ -166,6 +166,7 @@ class WebSocketEndpoint:
                 authenticated=identity is not None,
             )
         except (ClientIdError, ResumeError) as error:
+            hub.note_invalid("bad_request")
             LOGGER.info("refused %s from %s: %s", loggable(_describe_path(scope)), peer, error)
             await _close(sink, CloseCode.POLICY_VIOLATION, str(error), peer)
             return
@@ -173,6 +174,7 @@ class WebSocketEndpoint:
             await _close(sink, CloseCode.ID_IN_USE, str(error), peer)
             return
         except StaleAttemptError as error:
+            hub.note_invalid("stale_attempt")
             await _close(sink, CloseCode.REPLACED, str(error), peer)
             return
         if sink.can_ping and hypercorn_limits.watch_reads(send, connection):
@@ -226,6 +228,7 @@ class WebSocketEndpoint:
                 return  # websocket.disconnect: the client is gone
             data = event.get("text")
             if data is None:
+                self.hub.note_limit_hit("binary")
                 connection.request_close(
                     CloseCode.UNSUPPORTED_DATA, "binary frames are not supported; send text"
                 )
@@ -233,6 +236,7 @@ class WebSocketEndpoint:
             # len() counts characters, each at least one byte in UTF-8.
             size = max_size + 1 if len(data) > max_size else protocol.utf8_size(data)
             if size > max_size:
+                self.hub.note_limit_hit("message_size")
                 connection.request_close(
                     CloseCode.MESSAGE_TOO_BIG, f"message larger than {max_size} bytes"
                 )
@@ -258,6 +262,7 @@ class WebSocketEndpoint:
         self.hub.note_publish_refused(connection, self.client_publish.value)
 
     def _close_flooder(self, connection: Connection, limit: PublishLimit) -> None:
+        self.hub.note_limit_hit("publish_rate")
         policy = limit.policy
         rules = []
         if policy.rate > 0:
@@ -273,6 +278,7 @@ class WebSocketEndpoint:
             connection.client_id,
             connection.peer,
             policy.close_after_s,
+            extra={"client": connection.client_id, "event": "rate_limited"},
         )
         error = protocol.error_frame(error="rate_limited", reason=reason, ts=self.hub.wall_time())
         connection.request_close(CloseCode.POLICY_VIOLATION, RATE_LIMITED_REASON, Frame(error))

@@ -1,0 +1,138 @@
+"""/metrics on a real in-process server: what clients did shows up, it agrees with /health, and
+Prometheus's own promtool accepts the exposition."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+from trio_websocket import open_websocket_url
+
+from tests.conftest import StartServer
+from tests.live import free_port, require_tool
+from tests.redisutil import redis_server
+from tests.wsutil import close_code, http_get, next_frame, wait_until
+from trio_ws.brokers.redis import RedisBroker
+from trio_ws.core.broker import BrokerState
+from trio_ws.core.health import health_report
+from trio_ws.core.hub import Hub
+from trio_ws.hosting import metrics
+from trio_ws.hosting.launcher import RunningServer
+from trio_ws.settings import Settings
+
+
+def metrics_url(server: RunningServer) -> str:
+    assert server.app.metrics is not None
+    assert server.app.metrics.address is not None
+    host, port = server.app.metrics.address
+    return f"http://{host}:{port}"
+
+
+async def scrape(server: RunningServer) -> tuple[str, dict[str, float]]:
+    status, text = await http_get(metrics_url(server), "/metrics")
+    assert status == 200
+    samples = {
+        sample.name + str(sorted(sample.labels.items()) or ""): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    return text, samples
+
+
+async def test_metrics_follow_the_clients_and_agree_with_health(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(metrics_port=free_port(), max_message_size=1024)
+    async with (
+        open_websocket_url(server.ws_url + "/a") as a,
+        open_websocket_url(server.ws_url + "/b") as b,
+    ):
+        await next_frame(a)
+        await next_frame(b)
+        for i in range(3):
+            await a.send_message(f"hello {i}")
+        for ws in (a, b):
+            for _ in range(3):
+                assert (await next_frame(ws))["type"] == "message"
+        async with open_websocket_url(server.ws_url + "/big") as big:
+            await next_frame(big)
+            await big.send_message("x" * 2000)
+            assert (await close_code(big))[0] == 1009
+        text, samples = await scrape(server)
+        health = health_report(server.hub)  # what /health reports, from the same figures
+    assert samples["trio_ws_connections"] == health["active_connections"] == 2
+    assert samples["trio_ws_messages_received_total"] == 3
+    assert samples["trio_ws_broadcasts_total[('kind', 'message')]"] == 3
+    assert samples["trio_ws_deliveries_total"] == 6 == 3 * 2
+    assert samples["trio_ws_connections_opened_total"] == health["connections_total"] == 3
+    assert samples["trio_ws_evictions_total[('code', '1009')]"] == 1
+    assert samples["trio_ws_limits_hit_total[('limit', 'message_size')]"] == 1
+    assert samples["trio_ws_broker_up"] == 1
+    assert samples["trio_ws_drain_state"] == 0
+    assert samples["trio_ws_processes"] == 1
+
+    promtool = require_tool("promtool", "prometheus", "/usr/bin/promtool")
+    checked = await trio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+        )
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+async def test_only_get_metrics_is_answered(start_server: StartServer) -> None:
+    server = await start_server(metrics_port=free_port())
+    url = metrics_url(server)
+    assert (await http_get(url, "/"))[0] == 404
+    assert (await http_get(url, "/metrics?x=1"))[0] == 200
+    host, port = url.split("://")[1].rsplit(":", 1)
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            await stream.send_all(b"POST /metrics HTTP/1.1\r\n\r\n")
+            answer = await stream.receive_some()
+    assert answer.startswith(b"HTTP/1.1 405")
+
+
+async def test_metrics_stay_off_by_default(server: RunningServer) -> None:
+    assert server.app.metrics is None
+
+
+async def test_a_redis_cluster_and_its_outage_are_described(tmp_path: Any) -> None:
+    def scrape_hub(hub: Hub) -> dict[str, float]:
+        text = metrics.render(metrics.collect(metrics.Sources(hub))).decode()
+        return {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if not sample.labels
+        }
+
+    async with redis_server(str(tmp_path)) as redis, trio.open_nursery() as nursery:
+        settings = Settings(broadcast_interval=0, presence_interval=0, redis_url=redis.url)
+        hubs = [Hub(settings, broker=RedisBroker(redis.url), instance_id=n) for n in "ab"]
+        for hub in hubs:
+            await nursery.start(hub.run)
+        hubs[0].connect("x", "p")
+        await hubs[1].publish("y", "hello")
+        await wait_until(lambda: all(h.stats.message_broadcasts == 1 for h in hubs), timeout=10)
+        await wait_until(lambda: scrape_hub(hubs[0]).get("trio_ws_cluster_instances") == 2, 10)
+        samples = scrape_hub(hubs[0])
+        assert samples["trio_ws_broker_up"] == 1
+        assert samples["trio_ws_cluster_connections"] == 1
+        assert samples["trio_ws_deliveries_total"] == 1
+        await redis.kill()
+        await wait_until(lambda: hubs[0].broker.state is not BrokerState.UP, timeout=20)
+        await trio.sleep(0.2)
+        samples = scrape_hub(hubs[0])
+        assert samples["trio_ws_broker_up"] == 0
+        assert samples["trio_ws_broker_outage_seconds"] > 0
+        assert samples["trio_ws_broker_outages_total"] == 1
+        await redis.start()
+        await wait_until(lambda: hubs[0].broker.state is BrokerState.UP, timeout=20)
+        samples = scrape_hub(hubs[0])
+        assert samples["trio_ws_broker_up"] == 1
+        assert samples["trio_ws_broker_outage_seconds"] == 0
+        nursery.cancel_scope.cancel()
