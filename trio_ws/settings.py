@@ -23,6 +23,8 @@ ENV_PREFIX = "TRIO_WS_"
 _PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: ``TRIO_WS_LOG_CONNECTIONS``: a line per connect and disconnect, or a summary every 10 s.
+LOG_CONNECTIONS = ("each", "summary")
 
 
 class SettingsError(ValueError):
@@ -89,6 +91,10 @@ class Settings:
     #: Bytes a second one connection may publish (UTF-8; a bucket of one second, and at least
     #: one ``max_message_size``); 0 turns it off.
     publish_bytes_rate: int = 64 * 1024
+    #: How connects and disconnects are logged: ``each``, an INFO line for every one; or
+    #: ``summary``, those lines at DEBUG and one INFO line with the counts every 10 s while
+    #: clients come and go (a reconnect storm of thousands then costs no log line each).
+    log_connections: str = "each"
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "a TCP port from 0 to 65535")
@@ -177,6 +183,12 @@ class Settings:
                 "IP addresses or networks (CIDR), separated by commas",
             )
         _check(
+            self.log_connections in LOG_CONNECTIONS,
+            "log_connections",
+            self.log_connections,
+            " or ".join(LOG_CONNECTIONS),
+        )
+        _check(
             (self.certfile is None) == (self.keyfile is None),
             "certfile",
             self.certfile,
@@ -225,7 +237,8 @@ class Settings:
             f"max_connections={self.max_connections} "
             f"max_connections_per_ip={self.max_connections_per_ip} "
             f"handshake_rate_per_ip={self.handshake_rate_per_ip:g} "
-            f"trusted_proxies={','.join(self.trusted_proxies) or 'none'}"
+            f"trusted_proxies={','.join(self.trusted_proxies) or 'none'} "
+            f"log_connections={self.log_connections}"
         )
 
     @property
@@ -314,6 +327,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "publish_rate": _number,
     "publish_burst": int,
     "publish_bytes_rate": int,
+    "log_connections": lambda raw: raw.strip().lower(),
 }
 
 

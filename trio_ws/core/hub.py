@@ -43,6 +43,9 @@ REFUSED_REASON = "server is shutting down; reconnect to another instance"
 #: at a trickle can make a close or a pong wait for.
 BATCH_LIMIT_BYTES = 64 * 1024
 
+#: ``log_connections=summary``: one line with the connects and disconnects of each interval.
+CONNECTION_SUMMARY_INTERVAL_S = 10.0
+
 
 class Hub:
     """Connections, broadcasts, the periodic message and the drain."""
@@ -84,6 +87,14 @@ class Hub:
         self._presence_changed = trio.Event()
         self._presence_announced: int | None = None
         self.started_wall = wall_clock()
+        #: Connects and disconnects are logged one by one at INFO, or (``summary``) at DEBUG
+        #: and counted here for a summary line (:meth:`_summarize_connections`).
+        self._connection_level = (
+            logging.INFO if settings.log_connections == "each" else logging.DEBUG
+        )
+        self._connects_counted = 0
+        self._disconnects_counted = 0
+        self._summary_since = 0.0
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -173,12 +184,15 @@ class Hub:
                 peer,
                 previous.peer,
             )
-        LOGGER.info(
-            "client %s connected from %s, %s",
-            client_id,
-            peer,
-            plural(len(self.registry), "active connection"),
-        )
+        self._connects_counted += 1
+        if LOGGER.isEnabledFor(self._connection_level):
+            LOGGER.log(
+                self._connection_level,
+                "client %s connected from %s, %s",
+                client_id,
+                peer,
+                plural(len(self.registry), "active connection"),
+            )
         return connection
 
     def new_attempt(self) -> int:
@@ -250,12 +264,15 @@ class Hub:
         if self.drain.requested:
             self.drain.note_gone(connection, len(self.registry))
             return
-        LOGGER.info(
-            "client %s disconnected after %.1fs, %s",
-            connection.client_id,
-            self._wall_clock() - connection.connected_at,
-            plural(len(self.registry), "active connection"),
-        )
+        self._disconnects_counted += 1
+        if LOGGER.isEnabledFor(self._connection_level):
+            LOGGER.log(
+                self._connection_level,
+                "client %s disconnected after %.1fs, %s",
+                connection.client_id,
+                self._wall_clock() - connection.connected_at,
+                plural(len(self.registry), "active connection"),
+            )
 
     def _evicted(self, connection: Connection) -> None:
         if self.drain.requested:
@@ -345,6 +362,8 @@ class Hub:
             nursery.start_soon(self._broadcast_periodically, periodic)
             nursery.start_soon(self._watch_drain, periodic)
             nursery.start_soon(self._announce_presence)
+            if self._connection_level != logging.INFO:
+                nursery.start_soon(self._summarize_connections)
             task_status.started()
             await self.drain.wait_stopped()
             await self.broker.leave()
@@ -384,7 +403,32 @@ class Hub:
                 self.registry.broadcast(Frame(frame))
             await trio.sleep(interval)
 
+    async def _summarize_connections(self) -> None:
+        """``log_connections=summary``: every interval in which clients came or went, one line
+        with how many (the drain logs its own departures)."""
+        self._summary_since = trio.current_time()
+        while True:
+            await trio.sleep(CONNECTION_SUMMARY_INTERVAL_S)
+            self.log_connection_summary()
+
+    def log_connection_summary(self) -> None:
+        """Log the connects and disconnects counted since the last summary, if any."""
+        now = trio.current_time()
+        connects, disconnects = self._connects_counted, self._disconnects_counted
+        if connects or disconnects:
+            self._connects_counted = self._disconnects_counted = 0
+            LOGGER.info(
+                "connections in the last %.1fs: %d connected, %d disconnected, %s",
+                now - self._summary_since,
+                connects,
+                disconnects,
+                plural(len(self.registry), "active connection"),
+            )
+        self._summary_since = now
+
     async def _watch_drain(self, periodic: trio.CancelScope) -> None:
         await self.drain.wait_requested()
         periodic.cancel()
+        if self._connection_level != logging.INFO:
+            self.log_connection_summary()  # the drain logs every departure from here on
         await self.drain.watch(self.registry)

@@ -15,7 +15,14 @@ import trio
 from trio_ws import __version__
 from trio_ws.hosting import launcher as serving
 from trio_ws.hosting.logs import configure_logging
-from trio_ws.settings import LOG_LEVELS, Settings, SettingsError, on_off, parse_proxies
+from trio_ws.settings import (
+    LOG_CONNECTIONS,
+    LOG_LEVELS,
+    Settings,
+    SettingsError,
+    on_off,
+    parse_proxies,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -90,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_proxies,
         metavar="CIDRS",
         help="proxies whose X-Forwarded-For is believed, comma-separated (none)",
+    )
+    add(
+        "--log-connections",
+        type=str.lower,
+        choices=LOG_CONNECTIONS,
+        help="a line per connect and disconnect, or a summary every 10 s (each)",
     )
     add("--version", action="version", version=f"trio_ws {__version__}")
     return parser
