@@ -154,6 +154,29 @@ SERVERS = {
         idle_env=TRIO_WS_IDLE_ENV,
         storm_args=_flags(LIMITS_RAISED),
     ),
+    # The log lines per connection (TRIO_WS_LOG_CONNECTIONS): trio_ws at INFO, as deployed, with
+    # a line per connect and disconnect, and with the summary instead.
+    "trio_ws+info": ServerKind(
+        "trio_ws+info",
+        _trio_ws,
+        {**TRIO_WS_ENV, **LIMITS_OFF, "TRIO_WS_LOG_LEVEL": "INFO"},
+        welcome=True,
+        idle_env=TRIO_WS_IDLE_ENV,
+        storm_args=(*_flags(LIMITS_OFF), "--log-connections", "each"),
+    ),
+    "trio_ws+summary": ServerKind(
+        "trio_ws+summary",
+        _trio_ws,
+        {
+            **TRIO_WS_ENV,
+            **LIMITS_OFF,
+            "TRIO_WS_LOG_LEVEL": "INFO",
+            "TRIO_WS_LOG_CONNECTIONS": "summary",
+        },
+        welcome=True,
+        idle_env=TRIO_WS_IDLE_ENV,
+        storm_args=(*_flags(LIMITS_OFF), "--log-connections", "summary"),
+    ),
     "trio_ws+redis": ServerKind(
         "trio_ws+redis",
         _trio_ws,
