@@ -2,10 +2,11 @@
 
 Quart serves the page and every HTTP route; WebSockets on ``/ws`` and ``/ws/<client id>`` skip
 Quart's per-connection machinery (its request context, queues and tasks) and speak ASGI
-directly, which halves what a connection costs (docs/benchmarks.md). Per connection there are
-two tasks: this handler, which reads the client's frames and publishes them, and the outbox's
-writer. A close request from the core (drain, slow consumer, replaced) cancels both at once;
-the handler then sends the close frame. The connection leaves the registry in ``finally``,
+directly, which halves what a connection costs (docs/benchmarks.md). Per connection there is
+one task, this handler, which reads the client's frames and publishes them; the outbox's writer
+is a second task only while the client has a backlog (core/outbox.py). A close request from
+the core (drain, slow consumer, replaced) cancels both at once; the handler then sends the
+close frame. The connection leaves the registry in ``finally``,
 however it ended.
 """
 
@@ -130,9 +131,13 @@ class WebSocketEndpoint:
                 await hub.resume(connection, since)
             async with trio.open_nursery() as nursery:
                 connection.bind_close(nursery.cancel_scope)
-                nursery.start_soon(connection.outbox.run_writer, sink)
-                await self._read(receive, connection)
-                nursery.cancel_scope.cancel()  # the client left: stop the writer
+                # The writer runs in this nursery, and only while a backlog exists.
+                connection.outbox.start(sink, nursery.start_soon)
+                try:
+                    await self._read(receive, connection)
+                finally:
+                    connection.outbox.stop()  # no writer may start once the nursery closes
+                nursery.cancel_scope.cancel()  # the client left: stop a writer still running
             if connection.close_code is not None:
                 await _close(
                     sink,
