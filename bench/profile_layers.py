@@ -73,6 +73,7 @@ ENTRIES = (
     "trio_ws/__main__.py",
     "hypercorn/__main__.py",
     "hypercorn/run.py",
+    "hypercorn/trio/run.py",
     "bench/profile_layers.py",
 )
 
