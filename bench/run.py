@@ -860,12 +860,17 @@ def add_floor_ratios(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
                     figures[ratio] = round(mine / theirs, 3)
 
 
+def _number(value: float) -> str:
+    """Four significant digits, and thousands as 12,345 rather than 1.234e+04."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, dict):
         median, low, high = value["median"], value["min"], value["max"]
         if low == high:
-            return f"{median:,.4g}"
-        return f"{median:,.4g} ({low:,.4g}-{high:,.4g})"
+            return _number(median)
+        return f"{_number(median)} ({_number(low)}-{_number(high)})"
     if isinstance(value, list):
         return ", ".join(str(v) for v in value)
     return "-" if value is None else str(value)
