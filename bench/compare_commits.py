@@ -59,6 +59,7 @@ COMPARED = {
     "fanout1000": DELIVERY_FIGURES,
     "rate1000x20": DELIVERY_FIGURES,
     "idle5000": ["rss_kb_per_connection", "connect_p50_ms", "connect_p99_ms"],
+    "idle": ["rss_kb_per_connection", "connect_p50_ms", "connect_p99_ms", "idle_cpu_pct"],
     "handshakes": [
         "handshakes_per_s",
         "server_cpu_us_per_handshake",
@@ -87,6 +88,7 @@ class Side:
             base.env,
             cwd=self.tree,
             welcome=base.welcome,
+            idle_env=base.idle_env,
         )
 
     def describe(self) -> dict[str, str]:
