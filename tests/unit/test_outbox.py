@@ -95,3 +95,20 @@ async def test_after_stop_frames_stay_queued_and_no_writer_starts() -> None:
         assert spawn.started == 0
     assert [frame.text for frame in outbox.take_queued()] == ["late"]
     assert outbox.writer == ""
+
+
+async def test_run_writer_writes_the_backlog_then_stops_when_cancelled() -> None:
+    outbox, sink = Outbox(max_frames=10, batch_limit=1000), FakeSink()
+    sink.through = False
+    sink.release.set()
+    for text in ("a", "b"):
+        outbox.offer(Frame(text))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outbox.run_writer, sink)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sink.written == ["a", "b"]
+        assert outbox.writer == "fake"
+        nursery.cancel_scope.cancel()
+    assert outbox.writer == ""  # stopped
+    assert outbox.offer(Frame("late"))
+    assert len(outbox) == 1

@@ -201,6 +201,16 @@ class Outbox:
         connection is ending)."""
         self._sink = self._spawn = None
 
+    async def run_writer(self, sink: Sink) -> None:
+        """:meth:`start` with a nursery of its own, until cancelled; then :meth:`stop`. For a
+        caller without a nursery at hand (the shell passes its own to :meth:`start`)."""
+        async with trio.open_nursery() as nursery:
+            self.start(sink, nursery.start_soon)
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.stop()
+
     async def _write_backlog(self) -> None:
         """The writer: write the backlog in batches until it is empty, then end."""
         try:
