@@ -59,6 +59,7 @@ COMPARED = {
     "fanout1000": DELIVERY_FIGURES,
     "rate1000x20": DELIVERY_FIGURES,
     "idle5000": ["rss_kb_per_connection", "connect_p50_ms", "connect_p99_ms"],
+    "idle": ["rss_kb_per_connection", "connect_p50_ms", "connect_p99_ms", "idle_cpu_pct"],
     "handshakes": [
         "handshakes_per_s",
         "server_cpu_us_per_handshake",
@@ -87,6 +88,7 @@ class Side:
             base.env,
             cwd=self.tree,
             welcome=base.welcome,
+            idle_env=base.idle_env,
         )
 
     def describe(self) -> dict[str, str]:
@@ -192,13 +194,20 @@ def compare(
         for key in COMPARED[scenario]:
             olds = [run[key] for run in sides[old]]
             news = [run[key] for run in sides[new]]
+            pairs = [n / o for o, n in zip(olds, news, strict=True) if o]
+            median_old = statistics.median(olds)
+            # A figure that can be 0 (idle CPU) has no ratio where the old side's is 0.
             out[scenario][key] = {
-                "ratio_of_medians": round(statistics.median(news) / statistics.median(olds), 3),
-                "median_paired_ratio": round(
-                    statistics.median(n / o for o, n in zip(olds, news, strict=True)), 3
-                ),
+                "ratio_of_medians": round(statistics.median(news) / median_old, 3)
+                if median_old
+                else None,
+                "median_paired_ratio": round(statistics.median(pairs), 3) if pairs else None,
             }
     return out
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def print_table(summary: dict[str, dict[str, dict[str, Any]]], ratios: dict[str, Any]) -> None:
@@ -213,8 +222,8 @@ def print_table(summary: dict[str, dict[str, dict[str, Any]]], ratios: dict[str,
             ]
             print(f"{'':11} {label:5} " + " ".join(f"{cell:>28}" for cell in cells))
         cells = [
-            f"{ratios[scenario][key]['ratio_of_medians']:.3f} "
-            f"(paired {ratios[scenario][key]['median_paired_ratio']:.3f})"
+            f"{_ratio(ratios[scenario][key]['ratio_of_medians'])} "
+            f"(paired {_ratio(ratios[scenario][key]['median_paired_ratio'])})"
             for key in keys
         ]
         print(f"{'':11} {'n/o':5} " + " ".join(f"{cell:>28}" for cell in cells))

@@ -390,19 +390,85 @@ def flood(args: argparse.Namespace) -> None:
 
 
 def idle(args: argparse.Namespace) -> None:
-    """Subprocess: open ``--connections`` idle connections, report handshake times, then hold
-    them until stdin closes."""
-    socks = []
-    times_ms: list[float] = []
-    for i in range(args.connections):
-        started = time.monotonic()
-        sock, _ = connect(args.host, args.port, f"{args.path}/{args.prefix}{i}")
-        times_ms.append((time.monotonic() - started) * 1000)
-        socks.append(sock)
-    print(json.dumps({"connect_ms": times_ms}), flush=True)
+    """Subprocess: open ``--connections`` idle connections (one after the other, or all at once
+    with ``--at-once``), report handshake times, then hold them until stdin closes."""
+    if args.at_once:
+        socks, times_ms, failed = connect_all(args)
+    else:
+        socks, times_ms, failed = [], [], 0
+        for i in range(args.connections):
+            started = time.monotonic()
+            sock, _ = connect(args.host, args.port, f"{args.path}/{args.prefix}{i}")
+            times_ms.append((time.monotonic() - started) * 1000)
+            socks.append(sock)
+    print(json.dumps({"connect_ms": times_ms, "failed": failed}), flush=True)
     sys.stdin.read()
     for sock in socks:
         sock.close()
+
+
+def connect_all(args: argparse.Namespace) -> tuple[list[socket.socket], list[float], int]:
+    """Start every connection at once (non-blocking connects on one ``selectors`` loop): the
+    TCP connect, the upgrade request and the 101. Returns the sockets, each one's time from
+    its connect to its 101 in ms, and how many failed (refused, reset, or not upgraded within
+    ``--timeout`` seconds)."""
+    selector = selectors.DefaultSelector()
+    started: dict[int, float] = {}
+    heads: dict[int, bytes] = {}
+    done: list[socket.socket] = []
+    times_ms: list[float] = []
+    failed = 0
+    for i in range(args.connections):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        started[sock.fileno()] = time.monotonic()
+        sock.connect_ex((args.host, args.port))
+        ws_key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET {args.path}/{args.prefix}{i} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {ws_key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        selector.register(sock, selectors.EVENT_WRITE, request)
+    deadline = time.monotonic() + args.timeout
+    while selector.get_map() and time.monotonic() < deadline:
+        for key, events in selector.select(timeout=0.2):
+            conn = key.fileobj
+            assert isinstance(conn, socket.socket)
+            fd = conn.fileno()
+            try:
+                if events & selectors.EVENT_WRITE:
+                    error = conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if error:
+                        raise OSError(error, os.strerror(error))
+                    conn.send(key.data)  # a few hundred bytes: an empty buffer takes them
+                    selector.modify(conn, selectors.EVENT_READ, None)
+                    heads[fd] = b""
+                    continue
+                chunk = conn.recv(4096)
+                if not chunk:
+                    raise ConnectionError("closed during the handshake")
+                heads[fd] += chunk
+                if b"\r\n\r\n" not in heads[fd]:
+                    continue
+                if not heads[fd].startswith(b"HTTP/1.1 101"):
+                    raise ConnectionError("not upgraded")
+            except OSError:
+                selector.unregister(conn)
+                conn.close()
+                failed += 1
+                continue
+            selector.unregister(conn)
+            times_ms.append((time.monotonic() - started[fd]) * 1000)
+            conn.setblocking(True)
+            done.append(conn)
+    for left in list(selector.get_map().values()):
+        selector.unregister(left.fileobj)
+        assert isinstance(left.fileobj, socket.socket)
+        left.fileobj.close()
+        failed += 1
+    return done, times_ms, failed
 
 
 def main() -> None:
@@ -423,6 +489,9 @@ def main() -> None:
             p.add_argument("--seconds", type=float, default=8)
             p.add_argument("--timeout", type=float, default=10, help="per socket operation")
             p.add_argument("--welcome", action=argparse.BooleanOptionalAction, default=True)
+        if name == "idle":
+            p.add_argument("--at-once", action="store_true", help="start every connect at once")
+            p.add_argument("--timeout", type=float, default=60, help="with --at-once: for all")
         if name == "flood":
             p.add_argument("--size", type=int, default=1000)
             p.add_argument("--duration", type=float, default=10)

@@ -799,6 +799,8 @@ class StormConfig:
     seed: int | None = None
     #: Keep the servers' logs here (default: a temporary directory, removed).
     log_dir: str | None = None
+    #: More launcher flags for both instances (bench/run.py's server kinds); later flags win.
+    instance_args: tuple[str, ...] = ()
 
 
 @dataclass
@@ -971,6 +973,7 @@ async def _start_instance(
         "0",
         "--publish-bytes-rate",
         "0",
+        *cfg.instance_args,
     ]
     env = {
         "TRIO_WS_REDIS_URL": f"redis://{HOST}:{redis_port}/0",

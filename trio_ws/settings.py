@@ -52,6 +52,9 @@ JWT_PUBLIC_KEY_ALGORITHMS = (
 #: for HS256).
 JWT_MIN_SECRET_BYTES = 32
 
+#: ``TRIO_WS_LOG_CONNECTIONS``: a line per connect and disconnect, or a summary every 10 s.
+LOG_CONNECTIONS = ("each", "summary")
+
 
 class SettingsError(ValueError):
     """A setting has a value the server cannot run with."""
@@ -168,6 +171,10 @@ class Settings:
     #: Address the metrics port listens on: loopback by default, since ``/metrics`` has no
     #: authentication; ``0.0.0.0`` for a scraper on another host (a Kubernetes pod IP).
     metrics_host: str = "127.0.0.1"
+    #: How connects and disconnects are logged: ``each``, an INFO line for every one; or
+    #: ``summary``, those lines at DEBUG and one INFO line with the counts every 10 s while
+    #: clients come and go (a reconnect storm of thousands then costs no log line each).
+    log_connections: str = "each"
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "a TCP port from 0 to 65535")
@@ -357,6 +364,12 @@ class Settings:
             "a port other than TRIO_WS_PORT",
         )
         _check(
+            self.log_connections in LOG_CONNECTIONS,
+            "log_connections",
+            self.log_connections,
+            " or ".join(LOG_CONNECTIONS),
+        )
+        _check(
             (self.certfile is None) == (self.keyfile is None),
             "certfile",
             self.certfile,
@@ -434,7 +447,8 @@ class Settings:
             f"health_detail={'on' if self.health_detail else 'off'} "
             f"allowed_origins={','.join(self.allowed_origins) or 'same-origin'} "
             f"tokens={self.jwt_algorithm if self.tokens_enabled else 'off'} "
-            f"log_format={self.log_format} metrics={self.metrics_description}"
+            f"log_format={self.log_format} metrics={self.metrics_description} "
+            f"log_connections={self.log_connections}"
         )
 
     @property
@@ -604,6 +618,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_format": _lower,
     "metrics_port": int,
     "metrics_host": str,
+    "log_connections": lambda raw: raw.strip().lower(),
 }
 
 

@@ -11,8 +11,9 @@ from quart_trio import QuartTrio
 app = QuartTrio(__name__)
 
 
+@app.websocket("/ws")
 @app.websocket("/ws/<client_id>")
-async def endpoint(client_id: str) -> None:
+async def endpoint(client_id: str = "") -> None:
     await websocket.accept()
     while True:
         await websocket.receive()

@@ -1,6 +1,6 @@
 """Reference peer: the ``websockets`` library with its ``broadcast()``.
 
-Run: ``python bench/peers/websockets_server.py PORT``. Same contract as the other servers.
+Run: ``python bench/peers/websockets_server.py PORT [BACKLOG]``. Same contract as the other servers.
 """
 
 from __future__ import annotations
@@ -37,11 +37,13 @@ async def handler(websocket: ServerConnection) -> None:
         clients.discard(websocket)
 
 
-async def main(port: int) -> None:
-    async with serve(handler, "127.0.0.1", port, ping_interval=None, max_size=2**20):
+async def main(port: int, backlog: int) -> None:
+    async with serve(
+        handler, "127.0.0.1", port, ping_interval=None, max_size=2**20, backlog=backlog
+    ):
         print(f"Running on http://127.0.0.1:{port}", flush=True)
         await asyncio.Future()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1])))
+    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 100))

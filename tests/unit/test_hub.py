@@ -563,3 +563,43 @@ def test_a_claim_taken_over_elsewhere_closes_only_the_connection_that_made_it() 
     assert tokened.resume_key is not None
     hub.replaced_elsewhere([("bob", claim_value(tokened.resume_key, tokened.attempt))])
     assert not tokened.closing  # with tokens there are no claims to take over
+
+
+async def test_log_connections_summary_counts_instead_of_a_line_each(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    hub = make_hub(log_connections="summary", drain_timeout=100)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        conns = [hub.connect(f"c{i}", "p") for i in range(5)]
+        hub.disconnect(conns[0])
+        await trio.sleep(10.5)
+        hub.disconnect(conns[1])
+        await trio.sleep(10)
+        await trio.sleep(10)  # nothing happened: no line
+        hub.connect("late", "p")
+        hub.request_drain("test")
+        await trio.testing.wait_all_tasks_blocked()
+        for conn in hub.registry:
+            hub.disconnect(conn)
+    messages = [r.getMessage() for r in caplog.records if r.name == "trio_ws.core.hub"]
+    assert not any("connected from" in m or "disconnected after" in m for m in messages)
+    assert messages == [
+        "connections in the last 10.0s: 5 connected, 1 disconnected, 4 active connections",
+        "connections in the last 10.0s: 0 connected, 1 disconnected, 3 active connections",
+        "connections in the last 0.5s: 1 connected, 0 disconnected, 4 active connections",
+    ]
+    assert "drain: warned 4 clients" in caplog.text  # the drain's own lines are kept
+
+
+def test_log_connections_each_is_a_line_per_connect_and_disconnect(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    hub = make_hub()
+    hub.disconnect(hub.connect("alice", "1.2.3.4:5"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "client alice connected from 1.2.3.4:5, 1 active connection",
+        "client alice disconnected after 0.0s, 0 active connections",
+    ]

@@ -145,23 +145,24 @@ async def test_concurrent_connect_disconnect_storm(autojump_clock: trio.testing.
     assert all(count >= 1 for count in received.values())  # everyone saw at least its own
 
 
-async def test_a_backlog_comes_out_as_one_batch_within_the_limit() -> None:
+def test_a_backlog_comes_out_as_one_batch_within_the_limit() -> None:
     # Sizes count whole frames: a 3-byte text is a 5-byte frame.
     conn = Connection("a", peer="p", connected_at=0, queue_size=10, batch_limit=15)
     frames = [Frame(text) for text in ["aaa", "bbb", "ccc", "dddddddddddd", "e"]]
     for frame in frames:
         assert conn.offer(frame)
-    assert await conn.outbox.next_batch() == frames[:3]  # 15 bytes: exactly the limit
-    assert await conn.outbox.next_batch() == [frames[3]]  # larger than the limit: alone
-    assert await conn.outbox.next_batch() == [frames[4]]
+    assert conn.outbox.take_batch() == frames[:3]  # 15 bytes: exactly the limit
+    assert conn.outbox.take_batch() == [frames[3]]  # larger than the limit: alone
+    assert conn.outbox.take_batch() == [frames[4]]
+    assert conn.outbox.take_batch() == []
 
 
-async def test_batch_limit_0_gives_frames_one_by_one() -> None:
+def test_batch_limit_0_gives_frames_one_by_one() -> None:
     conn = Connection("a", peer="p", connected_at=0, queue_size=10, batch_limit=0)
     frames = [Frame("a"), Frame("b")]
     for frame in frames:
         conn.offer(frame)
-    assert [await conn.outbox.next_batch(), await conn.outbox.next_batch()] == [
+    assert [conn.outbox.take_batch(), conn.outbox.take_batch()] == [
         [frames[0]],
         [frames[1]],
     ]

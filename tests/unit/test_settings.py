@@ -74,6 +74,7 @@ def test_blank_variable_means_default() -> None:
         ("TRIO_WS_PUBLISH_RATE", "-1", "TRIO_WS_PUBLISH_RATE must be messages/s >= 0"),
         ("TRIO_WS_PUBLISH_BURST", "2.5", "TRIO_WS_PUBLISH_BURST must be an integer"),
         ("TRIO_WS_PUBLISH_BYTES_RATE", "-5", "TRIO_WS_PUBLISH_BYTES_RATE must be bytes/s >= 0"),
+        ("TRIO_WS_LOG_CONNECTIONS", "some", "TRIO_WS_LOG_CONNECTIONS must be each or summary"),
     ],
 )
 def test_invalid_values_are_clear_errors(name: str, value: str, message: str) -> None:
@@ -365,3 +366,10 @@ def test_metrics_are_off_and_logs_text_by_default() -> None:
     on = Settings.from_env({"TRIO_WS_METRICS_PORT": "9464", "TRIO_WS_LOG_FORMAT": "JSON"})
     assert on.log_format == "json"
     assert "metrics=http://127.0.0.1:9464/metrics" in on.describe()
+
+
+def test_log_connections_each_by_default_summary_on_request() -> None:
+    assert Settings.from_env({}).log_connections == "each"
+    summary = Settings.from_env({"TRIO_WS_LOG_CONNECTIONS": " Summary "})
+    assert summary.log_connections == "summary"
+    assert "log_connections=summary" in summary.describe()

@@ -65,6 +65,8 @@ PING_BATCH = 256
 #: At most one log line per this many seconds for refused origins, and for refused tokens: a
 #: flood of them costs a handshake each, not a log line each.
 REFUSAL_LOG_EVERY_S = 10.0
+#: ``log_connections=summary``: one line with the connects and disconnects of each interval.
+CONNECTION_SUMMARY_INTERVAL_S = 10.0
 
 
 class Hub:
@@ -128,6 +130,14 @@ class Hub:
         self._presence_changed = trio.Event()
         self._presence_announced: int | None = None
         self.started_wall = wall_clock()
+        #: Connects and disconnects are logged one by one at INFO, or (``summary``) at DEBUG
+        #: and counted here for a summary line (:meth:`_summarize_connections`).
+        self._connection_level = (
+            logging.INFO if settings.log_connections == "each" else logging.DEBUG
+        )
+        self._connects_counted = 0
+        self._disconnects_counted = 0
+        self._summary_since = 0.0
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -254,14 +264,17 @@ class Hub:
                 peer,
                 previous.peer,
             )
-        LOGGER.info(
-            "client %s connected from %s%s, %s",
-            client_id,
-            peer,
-            " (token)" if authenticated else "",
-            plural(len(self.registry), "active connection"),
-            extra={"client": client_id, "event": "connected"},
-        )
+        self._connects_counted += 1
+        if LOGGER.isEnabledFor(self._connection_level):
+            LOGGER.log(
+                self._connection_level,
+                "client %s connected from %s%s, %s",
+                client_id,
+                peer,
+                " (token)" if authenticated else "",
+                plural(len(self.registry), "active connection"),
+                extra={"client": client_id, "event": "connected"},
+            )
         return connection
 
     async def claim_across_cluster(self, connection: Connection, presented: str | None) -> bool:
@@ -423,13 +436,16 @@ class Hub:
         if self.drain.requested:
             self.drain.note_gone(connection, len(self.registry))
             return
-        LOGGER.info(
-            "client %s disconnected after %.1fs, %s",
-            connection.client_id,
-            self._wall_clock() - connection.connected_at,
-            plural(len(self.registry), "active connection"),
-            extra={"client": connection.client_id, "event": "disconnected"},
-        )
+        self._disconnects_counted += 1
+        if LOGGER.isEnabledFor(self._connection_level):
+            LOGGER.log(
+                self._connection_level,
+                "client %s disconnected after %.1fs, %s",
+                connection.client_id,
+                self._wall_clock() - connection.connected_at,
+                plural(len(self.registry), "active connection"),
+                extra={"client": connection.client_id, "event": "disconnected"},
+            )
 
     def kick(self, client_id: str, who: str) -> bool:
         """Close this process's connection for ``client_id`` with 4503 (closed by the operator);
@@ -583,6 +599,8 @@ class Hub:
             nursery.start_soon(self._watch_drain, periodic)
             nursery.start_soon(self._announce_presence)
             nursery.start_soon(self._ping_periodically)
+            if self._connection_level != logging.INFO:
+                nursery.start_soon(self._summarize_connections)
             task_status.started()
             await self.drain.wait_stopped()
             await self.broker.leave()
@@ -660,9 +678,34 @@ class Hub:
                 self.registry.broadcast(Frame(frame))
             await trio.sleep(interval)
 
+    async def _summarize_connections(self) -> None:
+        """``log_connections=summary``: every interval in which clients came or went, one line
+        with how many (the drain logs its own departures)."""
+        self._summary_since = trio.current_time()
+        while True:
+            await trio.sleep(CONNECTION_SUMMARY_INTERVAL_S)
+            self.log_connection_summary()
+
+    def log_connection_summary(self) -> None:
+        """Log the connects and disconnects counted since the last summary, if any."""
+        now = trio.current_time()
+        connects, disconnects = self._connects_counted, self._disconnects_counted
+        if connects or disconnects:
+            self._connects_counted = self._disconnects_counted = 0
+            LOGGER.info(
+                "connections in the last %.1fs: %d connected, %d disconnected, %s",
+                now - self._summary_since,
+                connects,
+                disconnects,
+                plural(len(self.registry), "active connection"),
+            )
+        self._summary_since = now
+
     async def _watch_drain(self, periodic: trio.CancelScope) -> None:
         await self.drain.wait_requested()
         periodic.cancel()
+        if self._connection_level != logging.INFO:
+            self.log_connection_summary()  # the drain logs every departure from here on
         await self.drain.watch(self.registry)
 
 

@@ -25,6 +25,7 @@ that a flood of refusals is not a flood of log lines.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import logging
 from collections import Counter
@@ -80,6 +81,7 @@ class LimitPolicy:
         return max(1.0, self.handshake_rate_per_ip)
 
 
+@functools.lru_cache(maxsize=4096)  # parsing is most of a fast handshake's limit check
 def address_key(host: str) -> str:
     """What the per-address limits count: the IPv4 address (also inside an IPv4-mapped IPv6
     one), the /64 of an IPv6 address; anything else (a Unix socket's name) as it is."""

@@ -15,10 +15,12 @@ Theory of operation (the write path's rules; docs/design/write-path.md has the r
    write on that connection, ours or the server's own (pings, pongs, close frames). The outbox
    then queues :data:`WAKE`, an empty frame whose only job is to wake the writer so the rest is
    written without waiting for the next broadcast.
-4. **One writer.** :meth:`Outbox.run_writer` is the only loop that waits on a socket: it writes
-   a backlog in batches of at most ``batch_limit`` bytes (one system call for many frames), so
-   a client that fell behind catches up quickly and a close frame never waits behind more than
-   one batch.
+4. **One writer, only while there is a backlog.** The writer is the only loop that waits on a
+   socket: it writes a backlog in batches of at most ``batch_limit`` bytes (one system call for
+   many frames), so a client that fell behind catches up quickly and a close frame never waits
+   behind more than one batch. It is a task the outbox starts (through the shell's nursery)
+   when a frame has to be queued, and it ends when the queue is empty: an idle client, almost
+   every client almost all the time, costs no task, no event and no queue.
 
 The outbox knows nothing of sockets, Quart or Hypercorn: sinks do (``trio_ws.shell.sinks``).
 """
@@ -35,7 +37,10 @@ from trio_ws.core.protocol import Frame
 from trio_ws.core.stats import WriteStats
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
+
+    #: Starts a task (``nursery.start_soon``): where the outbox's writer runs.
+    Spawn = Callable[[Callable[[], Awaitable[None]]], object]
 
 
 class Written(enum.Enum):
@@ -74,7 +79,7 @@ WAKE = Frame("", wire=b"")
 
 
 class Outbox:
-    """Frames waiting for one client, and the loop that writes them."""
+    """Frames waiting for one client, and the writer that writes them while there are any."""
 
     __slots__ = (
         "_frames",
@@ -82,7 +87,8 @@ class Outbox:
         "_max_frames",
         "_queued_bytes",
         "_sink",
-        "_wakeup",
+        "_spawn",
+        "_writing",
         "batch_limit",
         "stats",
     )
@@ -95,19 +101,21 @@ class Outbox:
         batch_limit: int = 0,
         stats: WriteStats | None = None,
     ) -> None:
-        self._frames: collections.deque[Frame] = collections.deque()
+        #: Created with the first queued frame, dropped when the writer has emptied it.
+        self._frames: collections.deque[Frame] | None = None
         self._max_frames = max_frames
         self._max_bytes = max_bytes if max_bytes is not None else 1 << 62
         self._queued_bytes = 0
         #: Most bytes one batch write carries (a larger frame goes alone); 0: one frame a write.
         self.batch_limit = batch_limit
         self._sink: Sink | None = None
-        self._wakeup: trio.Event | None = None
         #: Where the slow path is counted (the hub's, shared by every outbox).
         self.stats = stats if stats is not None else WriteStats()
+        self._spawn: Spawn | None = None
+        self._writing = False
 
     def __len__(self) -> int:
-        return len(self._frames)
+        return len(self._frames) if self._frames else 0
 
     @property
     def queued_bytes(self) -> int:
@@ -119,11 +127,12 @@ class Outbox:
 
     @property
     def writer(self) -> str:
-        """The kind of sink the writer runs with ("" before it starts)."""
+        """The kind of sink frames go to ("" before :meth:`start` and after :meth:`stop`)."""
         return self._sink.kind if self._sink is not None else ""
 
     def offer(self, frame: Frame) -> bool:
-        """Write ``frame`` through if nothing is queued, else queue it; never waits.
+        """Write ``frame`` through if nothing is queued, else queue it (and start the writer);
+        never waits.
 
         False if the outbox is full (in frames or bytes): the caller closes the client as slow.
         """
@@ -136,33 +145,31 @@ class Outbox:
                 frame = WAKE
                 self.stats.partial += 1
         size = len(frame.wire)
-        if len(self._frames) >= self._max_frames or self._queued_bytes + size > self._max_bytes:
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = collections.deque()
+        if len(frames) >= self._max_frames or self._queued_bytes + size > self._max_bytes:
             return False
-        self._frames.append(frame)
+        frames.append(frame)
         self._queued_bytes += size
-        if self._wakeup is not None:
-            self._wakeup.set()
+        if not self._writing and self._spawn is not None:
+            self._writing = True
+            self._spawn(self._write_backlog)
         return True
 
     def take_queued(self) -> list[Frame]:
         """Take every queued frame back (a resume queues them again after the history)."""
-        frames = list(self._frames)
-        self._frames.clear()
+        frames = list(self._frames or ())
+        self._frames = None
         self._queued_bytes = 0
         return frames
 
-    async def next_batch(self) -> list[Frame]:
-        """Wait for a frame; return it with the frames queued behind it, within ``batch_limit``.
-
-        Returns at once, without a checkpoint, when frames are queued.
-        """
-        while not self._frames:
-            self._wakeup = trio.Event()
-            try:
-                await self._wakeup.wait()
-            finally:
-                self._wakeup = None
+    def take_batch(self) -> list[Frame]:
+        """The first queued frame with the frames behind it, within ``batch_limit`` bytes
+        ([] if none is queued)."""
         frames = self._frames
+        if not frames:
+            return []
         first = frames.popleft()
         batch = [first]
         size = len(first.wire)
@@ -170,26 +177,65 @@ class Outbox:
             size += len(frames[0].wire)
             batch.append(frames.popleft())
         self._queued_bytes -= size
+        if not frames:
+            self._frames = None
         return batch
 
-    async def run_writer(self, sink: Sink) -> None:
-        """Write everything offered to ``sink`` until cancelled, or until the sink is closed.
+    def start(self, sink: Sink, spawn: Spawn) -> None:
+        """From now on, write to ``sink``: through at once when nothing is queued, else by a
+        writer task started with ``spawn`` (the caller's nursery: a writer's error, or the
+        nursery's cancellation, ends the connection, as it did with a writer per connection).
 
-        While this runs, :meth:`offer` writes through ``sink`` when nothing is queued.
+        What is queued already (the welcome, a resume's history) goes first: written through
+        if the socket takes it now, else by a writer. Call :meth:`stop` before the nursery
+        closes.
         """
-        self._sink = sink
+        self._sink, self._spawn = sink, spawn
+        frames = self._frames
+        while frames:
+            written = sink.try_write(frames[0])
+            if written is Written.NOTHING:
+                break
+            self._queued_bytes -= len(frames.popleft().wire)
+            if written is Written.PARTIAL:
+                frames.appendleft(WAKE)  # the writer finishes the frame
+                break
+        if frames:
+            self._writing = True
+            spawn(self._write_backlog)
+        else:
+            self._frames = None
+
+    def stop(self) -> None:
+        """No more writes and no more writers: frames offered from now on stay queued (the
+        connection is ending)."""
+        self._sink = self._spawn = None
+
+    async def run_writer(self, sink: Sink) -> None:
+        """:meth:`start` with a nursery of its own, until cancelled; then :meth:`stop`. For a
+        caller without a nursery at hand (the shell passes its own to :meth:`start`)."""
+        async with trio.open_nursery() as nursery:
+            self.start(sink, nursery.start_soon)
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.stop()
+
+    async def _write_backlog(self) -> None:
+        """The writer: write the backlog in batches until it is empty, then end."""
         try:
-            while True:
-                # next_batch() returns without a checkpoint when frames are queued, and a write
-                # the socket takes at once has none either: let a cancellation in here.
+            while self._frames and (sink := self._sink) is not None:
+                # take_batch() has no checkpoint, and a write the socket takes at once has none
+                # either: let a cancellation in here.
                 await trio.lowlevel.checkpoint_if_cancelled()
-                batch = await self.next_batch()
+                batch = self.take_batch()
                 # Counted per batch (one socket write), never per frame offered: a broadcast
                 # costs nothing here whichever way its frame leaves.
                 stats = self.stats
                 stats.batches += 1
                 stats.backlog_frames += len(batch)
                 if not await sink.write(batch):
-                    return  # closing: what is queued goes with the connection
+                    self.stop()  # closing: what is queued goes with the connection
+                    return
         finally:
-            self._sink = None
+            self._writing = False

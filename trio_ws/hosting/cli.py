@@ -23,6 +23,7 @@ from trio_ws.core.tokens import mint_token, policy_from_settings
 from trio_ws.hosting import launcher as serving
 from trio_ws.hosting.logs import configure_logging
 from trio_ws.settings import (
+    LOG_CONNECTIONS,
     LOG_FORMATS,
     LOG_LEVELS,
     Settings,
@@ -143,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-format", type=str.lower, choices=LOG_FORMATS, help="text or json lines (text)")
     add("--metrics-port", type=int, metavar="PORT", help="serve /metrics on PORT, 0=off (0)")
     add("--metrics-host", metavar="HOST", help="address of the metrics port (127.0.0.1)")
+    add(
+        "--log-connections",
+        type=str.lower,
+        choices=LOG_CONNECTIONS,
+        help="a line per connect and disconnect, or a summary every 10 s (each)",
+    )
     add("--version", action="version", version=f"trio_ws {__version__}")
     return parser
 

@@ -60,9 +60,19 @@ class TrioWsApp(QuartTrio):
     #: What one incoming message may be, applied inside Hypercorn (shell/hypercorn_limits.py).
     websocket_limits: WebSocketLimits
 
+    #: One endpoint serves every connection (made again if the host replaces ``direct``).
+    _endpoint: WebSocketEndpoint | None = None
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket" and is_websocket_path(scope["path"]):
-            await WebSocketEndpoint(self.hub, self.direct)(scope, receive, send)
+            endpoint = self._endpoint
+            if (
+                endpoint is None
+                or endpoint.hub is not self.hub
+                or endpoint.direct is not self.direct
+            ):
+                endpoint = self._endpoint = WebSocketEndpoint(self.hub, self.direct)
+            await endpoint(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
 

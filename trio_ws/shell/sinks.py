@@ -336,6 +336,8 @@ class DirectSink(AsgiSink):
 class _FlushFirstLock:
     """Hypercorn's send lock, which first completes a frame we left half-written."""
 
+    __slots__ = ("_lock", "_sink")
+
     def __init__(self, lock: trio.Lock, sink: DirectSink) -> None:
         self._lock = lock
         self._sink = sink

@@ -2,10 +2,11 @@
 
 Quart serves the page and every HTTP route; WebSockets on ``/ws`` and ``/ws/<client id>`` skip
 Quart's per-connection machinery (its request context, queues and tasks) and speak ASGI
-directly, which halves what a connection costs (docs/benchmarks.md). Per connection there are
-two tasks: this handler, which reads the client's frames and publishes them, and the outbox's
-writer. A close request from the core (drain, slow consumer, replaced) cancels both at once;
-the handler then sends the close frame. The connection leaves the registry in ``finally``,
+directly, which halves what a connection costs (docs/benchmarks.md). Per connection there is
+one task, this handler, which reads the client's frames and publishes them; the outbox's writer
+is a second task only while the client has a backlog (core/outbox.py). A close request from
+the core (drain, slow consumer, replaced) cancels both at once; the handler then sends the
+close frame. The connection leaves the registry in ``finally``,
 however it ended.
 """
 
@@ -187,7 +188,8 @@ class WebSocketEndpoint:
                 await hub.resume(connection, since)
             async with trio.open_nursery() as nursery:
                 connection.bind_close(nursery.cancel_scope)
-                nursery.start_soon(connection.outbox.run_writer, sink)
+                # The writer runs in this nursery, and only while a backlog exists.
+                connection.outbox.start(sink, nursery.start_soon)
                 if identity is not None:
                     nursery.start_soon(hub.close_when_expired, connection, identity.expires_at)
                 try:
@@ -197,7 +199,8 @@ class WebSocketEndpoint:
                         # A write in progress cannot be cancelled (no half frames): bound it,
                         # so a client that reads nothing cannot hold the close beyond this.
                         sink.limit_writes(trio.current_time() + CLOSE_TIMEOUT_S)
-                nursery.cancel_scope.cancel()  # the client left: stop the writer
+                    connection.outbox.stop()  # no writer may start once the nursery closes
+                nursery.cancel_scope.cancel()  # the client left: stop a writer still running
             if connection.close_code is not None:
                 await _close(
                     sink,
