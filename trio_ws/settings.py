@@ -332,6 +332,14 @@ class Settings:
             self.client_publish,
             " or ".join(CLIENT_PUBLISH_POLICIES),
         )
+        if self.client_publish == "token" and not self.tokens_enabled:
+            # Without tokens no connection could ever publish: a listen-only server set up by
+            # mistake. Say so at start-up rather than refuse every message.
+            raise SettingsError(
+                f"{ENV_PREFIX}CLIENT_PUBLISH=token needs tokens ({ENV_PREFIX}JWT_SECRET, "
+                f"{ENV_PREFIX}JWT_SECRET_FILE or {ENV_PREFIX}JWT_PUBLIC_KEY_FILE); "
+                f"for a listen-only server set {ENV_PREFIX}CLIENT_PUBLISH=none"
+            )
         _check(
             self.api_key is None or len(self.api_key) >= MIN_API_KEY_LENGTH,
             "api_key",

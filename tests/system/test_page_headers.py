@@ -9,9 +9,11 @@ even a script element or an inline handler inserted into the page is blocked.
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from typing import Any
 
+import jwt
 from playwright.sync_api import Page, expect
 
 from tests import live
@@ -22,10 +24,12 @@ from tests.system.test_browser import (  # noqa: F401  (browser, open_page: fixt
     expect_state,
     open_page,
     screenshot,
+    skip_backoff_until_open,
     sockets,
 )
 
 KEY = "browser-api-key-0123456789abcdef"
+SECRET = "browser-test-secret-of-32-bytes-at-least"
 
 #: Every CSP violation the page reports, kept where the test can read it.
 RECORD_VIOLATIONS = """
@@ -113,3 +117,66 @@ def test_the_page_works_under_its_csp_and_injected_code_does_not_run(
         bob.fill("#text", "still fine")
         bob.click("#send")
         expect(alice.locator("#log")).to_contain_text("bob: still fine")
+
+
+def test_a_page_with_a_token_reconnects_with_its_key_under_the_csp(
+    open_page: OpenPage,  # noqa: F811  (the fixture imported above)
+) -> None:
+    """Everything together: the policy's headers, a token typed in the page and sent as the
+    subprotocol pair, and a reconnect (the network dropped, the server still holds the old
+    connection) that presents the tab's resume key and replaces only that connection."""
+    env = {**FAST_ENV, "TRIO_WS_JWT_SECRET": SECRET, "TRIO_WS_CLIENT_PUBLISH": "token"}
+    with live.server(env=env) as server:
+        token = jwt.encode({"sub": "erin", "exp": int(time.time()) + 3600}, SECRET)
+        tabs = []
+        for _ in range(2):
+            page = open_page("about:blank", clock=True)
+            page.context.add_init_script(RECORD_VIOLATIONS)
+            response = page.goto(server.base_url + "/")
+            assert response is not None
+            assert "connect-src 'self'" in response.headers["content-security-policy"]
+            page.fill("#token", token)
+            page.click("#connect")
+            expect_state(page, "open")
+            expect(page.locator("#me")).to_have_text("erin")
+            assert page.evaluate("window.__sockets.all.at(-1).protocol") == "trio-ws.bearer"
+            assert token not in sockets(page)["urls"][-1]
+            tabs.append(page)
+        page, other_tab = tabs
+        key = page.evaluate("sessionStorage.getItem('trio_ws.resume_key.erin')")
+        assert isinstance(key, str)
+
+        # The network drops under the first tab; the server's side stays open.
+        page.evaluate(
+            """() => {
+              const ws = window.__sockets.all.at(-1);
+              ws.onclose = null; ws.onmessage = null;
+              socket = null;
+              scheduleRetry();
+            }"""
+        )
+        skip_backoff_until_open(page)
+        assert f"key={key}" in sockets(page)["urls"][-1]
+        assert token not in sockets(page)["urls"][-1]
+        assert page.evaluate("window.__sockets.all.at(-1).protocol") == "trio-ws.bearer"
+        expect(page.locator("#log .t-welcome")).to_have_count(2)
+        # Its stale connection was replaced (4500); the other tab of the same user was not.
+        old_close = page.evaluate(
+            """() => new Promise((done) => {
+              const ws = window.__sockets.all.at(-2);
+              if (ws.readyState === WebSocket.CLOSED) done("closed");
+              ws.addEventListener("close", (event) => done(event.code));
+            })"""
+        )
+        assert old_close in (4500, "closed")
+        expect_state(other_tab, "open")
+        assert sockets(other_tab)["created"] == 1
+
+        # The token lets it publish (TRIO_WS_CLIENT_PUBLISH=token), and both tabs receive.
+        page.fill("#text", "back again")
+        page.click("#send")
+        for tab in tabs:
+            expect(tab.locator("#log .t-message").last).to_contain_text("erin: back again")
+            assert violations(tab) == []
+        assert token not in server.log
+        assert key not in server.log

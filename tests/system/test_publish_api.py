@@ -6,9 +6,12 @@ including Redis stopped under it."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import jwt
 import pytest
 import trio
 from trio_websocket import open_websocket_url
@@ -25,7 +28,12 @@ QUIET = {
     "TRIO_WS_PRESENCE_INTERVAL": "0",
     "TRIO_WS_LOG_LEVEL": "INFO",
 }
+JWT_SECRET = "a-test-secret-of-at-least-thirty-two-bytes"
 WITH_KEY = {**QUIET, "TRIO_WS_API_KEY": KEY, "TRIO_WS_MAX_MESSAGE_SIZE": "2048"}
+
+
+def signed(sub: str) -> str:
+    return jwt.encode({"sub": sub, "exp": int(time.time()) + 3600}, JWT_SECRET, "HS256")
 
 
 @pytest.fixture
@@ -235,17 +243,38 @@ async def test_listen_only_refuses_client_messages_and_backends_still_publish() 
         assert server.count("message refused by TRIO_WS_CLIENT_PUBLISH=none") == 1
 
 
-async def test_token_policy_refuses_clients_without_a_token() -> None:
-    env = {**QUIET, "TRIO_WS_CLIENT_PUBLISH": "token"}
-    async with (
-        running(LAUNCHER, env) as server,
-        open_websocket_url(await server.ws_url() + "/alice") as alice,
-    ):
-        await next_frame(alice)
-        await alice.send_message("hi")
-        refused = await next_frame(alice)
-        assert (refused["type"], refused["error"]) == ("error", "publish_refused")
-        assert "token" in refused["reason"]
+async def test_token_policy_lets_a_client_with_a_valid_token_publish() -> None:
+    env = {**QUIET, "TRIO_WS_CLIENT_PUBLISH": "token", "TRIO_WS_JWT_SECRET": JWT_SECRET}
+    async with running(LAUNCHER, env) as server:
+        ws_url = await server.ws_url()
+        async with (
+            open_websocket_url(f"{ws_url}?token={signed('alice')}") as alice,
+            open_websocket_url(ws_url, subprotocols=["trio-ws.bearer", signed("bob")]) as bob,
+            open_websocket_url(ws_url + "/mallory") as mallory,
+        ):
+            assert [(await next_frame(ws))["client_id"] for ws in (alice, bob)] == ["alice", "bob"]
+            assert await close_code(mallory) == (4501, "a token is required")
+            await alice.send_message("hi from alice")
+            for ws in (alice, bob):
+                frame = await next_frame(ws)
+                assert (frame["type"], frame["from"], frame["text"]) == (
+                    "message",
+                    "alice",
+                    "hi from alice",
+                )
+        assert server.count("refused by TRIO_WS_CLIENT_PUBLISH") == 0
+
+
+async def test_token_policy_without_tokens_does_not_start() -> None:
+    with trio.fail_after(60):  # a server that starts would run until killed
+        started = await trio.run_process(
+            LAUNCHER,
+            env={**os.environ, **QUIET, "TRIO_WS_CLIENT_PUBLISH": "token"},
+            capture_stderr=True,
+            check=False,
+        )
+    assert started.returncode == 2
+    assert "TRIO_WS_CLIENT_PUBLISH=token needs tokens" in started.stderr.decode()
 
 
 async def test_security_headers_on_every_http_response() -> None:
@@ -314,3 +343,46 @@ async def test_publish_reaches_both_instances_of_a_cluster_and_503_while_redis_i
             for ws in (c1, c2):
                 frame = await next_frame(ws, timeout=15)
                 assert frame["text"] == "back"
+
+
+async def test_kick_sent_to_either_instance_closes_the_client_wherever_it_is(
+    redis: RedisServer,
+) -> None:
+    env = {**WITH_KEY, "TRIO_WS_REDIS_URL": redis.url}
+    async with running(LAUNCHER, env) as one, running(LAUNCHER, env) as two:
+        bases = {"one": await one.base_url(), "two": await two.base_url()}
+        async with (
+            open_websocket_url(await one.ws_url() + "/alice") as alice,
+            open_websocket_url(await two.ws_url() + "/bob") as bob,
+            open_websocket_url(await one.ws_url() + "/carol") as carol,
+        ):
+            for ws in (alice, bob, carol):
+                await next_frame(ws)
+            # Bob is on instance two; the kick is sent to instance one.
+            status, _, body = await http_request(
+                bases["one"], "DELETE", "/clients/bob", headers=AUTH
+            )
+            assert (status, json.loads(body)["closed"]) == (200, True)
+            with trio.fail_after(10):
+                assert await close_code(bob) == (4503, "closed by the operator")
+            await two.wait_for_line(r"client bob \(.*\) closed with 4503 by the operator")
+            # Alice is on instance one; the kick is sent to instance two.
+            status, _, _ = await http_request(
+                bases["two"], "DELETE", "/clients/alice", headers=AUTH
+            )
+            assert status == 200
+            with trio.fail_after(10):
+                assert await close_code(alice) == (4503, "closed by the operator")
+            # Nobody holds these ids any more, or ever did: 404 from either instance.
+            for base, client_id in ((bases["one"], "bob"), (bases["two"], "nobody")):
+                with trio.fail_after(10):
+                    while True:
+                        status, _, body = await http_request(
+                            base, "DELETE", f"/clients/{client_id}", headers=AUTH
+                        )
+                        if status == 404:
+                            break
+                        await trio.sleep(0.2)  # bob's id is released once his close is done
+            # Carol, on the instance that took the kicks, is still served.
+            await carol.send_message("still here")
+            assert (await next_frame(carol))["text"] == "still here"

@@ -43,7 +43,8 @@ def test_a_refusal_says_why_and_that_nothing_was_broadcast(policy: ClientPublish
 
 def test_the_policy_names_are_the_settings_values() -> None:
     for value in ("all", "token", "none"):
-        assert ClientPublish(Settings(client_publish=value).client_publish).value == value
+        settings = Settings(client_publish=value, jwt_secret="s" * 32)
+        assert ClientPublish(settings.client_publish).value == value
 
 
 def test_a_connection_is_not_authenticated_unless_told() -> None:
@@ -76,6 +77,29 @@ def test_kick_closes_the_client_with_4503_and_only_it() -> None:
     )
     assert hub.kick("alice", "127.0.0.1") is False  # already closing
     assert hub.kick("carol", "127.0.0.1") is False  # not here
+
+
+def test_kick_closes_every_tab_of_a_token_user() -> None:
+    hub = make_hub()
+    tabs = [hub.connect("alice", f"1.2.3.4:{port}", authenticated=True) for port in (5, 6)]
+    bob = hub.connect("bob", "1.2.3.4:7", authenticated=True)
+    assert hub.kick("alice", "127.0.0.1") is True
+    assert [tab.close_code for tab in tabs] == [CloseCode.CLOSED_BY_OPERATOR] * 2
+    assert not bob.closing
+
+
+def test_a_kick_from_another_instance_closes_the_client_here() -> None:
+    hub = make_hub()
+    alice = hub.connect("alice", "1.2.3.4:5")
+    hub.kicked_elsewhere(["alice", "nobody"])
+    assert alice.close_code == CloseCode.CLOSED_BY_OPERATOR
+
+
+async def test_without_a_cluster_a_kick_anywhere_is_a_kick_here() -> None:
+    hub = make_hub()
+    hub.connect("alice", "1.2.3.4:5")
+    assert await hub.kick_anywhere("alice", "127.0.0.1") is True
+    assert await hub.kick_anywhere("carol", "127.0.0.1") is False
 
 
 async def test_refused_publishes_are_counted_and_logged_at_a_pace(caplog: Any) -> None:

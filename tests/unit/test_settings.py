@@ -215,6 +215,10 @@ def test_the_jwt_secret_is_never_printed() -> None:
     ("environ", "message"),
     [
         ({"TRIO_WS_CLIENT_PUBLISH": "some"}, "TRIO_WS_CLIENT_PUBLISH must be all or token or none"),
+        (
+            {"TRIO_WS_CLIENT_PUBLISH": "token"},
+            "TRIO_WS_CLIENT_PUBLISH=token needs tokens (TRIO_WS_JWT_SECRET, ",
+        ),
         ({"TRIO_WS_API_KEY": "short"}, "TRIO_WS_API_KEY must be at least 16 characters"),
         ({"TRIO_WS_API_KEY": "0123456789abcdef\x01"}, "printable ASCII"),
         ({"TRIO_WS_API_PUBLISHER_NAME": "server"}, "TRIO_WS_API_PUBLISHER_NAME must be @"),

@@ -12,8 +12,10 @@ claim on each periodic message, the client ids its connections hold, and leaving
   granted only to an attempt that presents the same digest, which also removes the other
   process's entry and tells it, in its list ``<prefix>:evict:<instance>``, which claim was
   taken over; each heartbeat takes that list, and the hub closes the connections that made
-  those claims (4500). Every session starts by writing the hash anew from the registry, so
-  what an outage left out of date is put right.
+  those claims (4500). An operator's kick (``DELETE /clients/<id>``) puts ``<id> kick`` in
+  every other live process's list, and those close the client with 4503. Every session
+  starts by writing the hash anew from the registry, so what an outage left out of date is put
+  right.
 * Leaving deletes the entry; no heartbeat may write it again afterwards.
 
 The client is passed to each call: the broker replaces it after an outage.
@@ -75,6 +77,26 @@ class IdRequest:
     presented: str | None
     claim: bool
 
+
+#: What an eviction list holds instead of a claim when an operator closes the client (a claim
+#: is ``<digest>.<attempt>``, never this).
+KICK = "kick"
+
+#: ARGV: prefix, this instance, client id, the lists' time to live in ms. Asks every other live
+#: process to close the client (with tokens its connections hold no id, so all are asked);
+#: returns 1 if one of them holds the id, 0 otherwise.
+KICK_ID_SCRIPT = """
+local prefix, me, id = ARGV[1], ARGV[2], ARGV[3]
+local held = 0
+for _, other in ipairs(redis.call('SMEMBERS', prefix .. ':instances')) do
+  if other ~= me and redis.call('EXISTS', prefix .. ':instance:' .. other) == 1 then
+    if redis.call('HEXISTS', prefix .. ':ids:' .. other, id) == 1 then held = 1 end
+    redis.call('RPUSH', prefix .. ':evict:' .. other, id .. ' ' .. ARGV[5])
+    redis.call('PEXPIRE', prefix .. ':evict:' .. other, ARGV[4])
+  end
+end
+return held
+"""
 
 #: KEYS: this process's evictions. Takes them all: ``"<client id> <claim>"`` each.
 TAKE_EVICTIONS_SCRIPT = """
@@ -186,6 +208,16 @@ class Membership:
             client_id, _, claim = str(item).partition(" ")
             taken.append((client_id, claim))
         return taken
+
+    async def kick(self, client: coredis.Redis[str], client_id: str) -> bool:
+        """Ask the other live processes to close ``client_id`` at their next heartbeat: True
+        if one of them holds the id."""
+        held = await client.eval(
+            KICK_ID_SCRIPT,
+            [],
+            [self._prefix, self.instance_id, client_id, int(self.instance_ttl_s * 1000), KICK],
+        )
+        return bool(held)
 
     async def write_ids(self, client: coredis.Redis[str], held: dict[str, str]) -> None:
         """Replace this process's held ids with ``held`` (a session's start)."""

@@ -71,7 +71,7 @@ from trio_ws.brokers.cluster_log import (
 )
 from trio_ws.brokers.entries import Entry, decode_entry, encode_entry
 from trio_ws.brokers.mailbox import Mailbox
-from trio_ws.brokers.membership import IdRequest, Membership
+from trio_ws.brokers.membership import KICK, IdRequest, Membership
 from trio_ws.core.broker import (
     Broker,
     BrokerState,
@@ -279,6 +279,12 @@ class RedisBroker(Broker):
         if self._joined is None or self.state is BrokerState.DOWN:
             return  # the next session writes the held ids anew
         self._ids.post(IdRequest(client_id, claim, None, claim=False))
+
+    async def kick_elsewhere(self, client_id: str) -> bool:
+        if self.state is BrokerState.DOWN:
+            return False  # nobody else can be asked: the caller answers for this process
+        held = await self._commands.ask(functools.partial(self._kick, client_id))
+        return bool(held)  # None: Redis went down meanwhile
 
     async def leave(self) -> None:
         membership = self._require_joined().membership
@@ -655,8 +661,12 @@ class RedisBroker(Broker):
         if view is not None:
             self._cluster = view
         evictions = await joined.membership.take_evictions(client)
-        if evictions:
-            joined.member.replaced_elsewhere(evictions)
+        kicked = [client_id for client_id, claim in evictions if claim == KICK]
+        replaced = [(client_id, claim) for client_id, claim in evictions if claim != KICK]
+        if kicked:
+            joined.member.kicked_elsewhere(kicked)
+        if replaced:
+            joined.member.replaced_elsewhere(replaced)
 
     async def _claim_periodic(self, slot: int, interval: float, client: coredis.Redis[str]) -> bool:
         won = await self._require_joined().membership.claim_periodic(client, slot, interval)
@@ -667,6 +677,9 @@ class RedisBroker(Broker):
     async def _write_ids(self, client: coredis.Redis[str]) -> None:
         joined = self._require_joined()
         await joined.membership.write_ids(client, joined.member.held_ids())
+
+    async def _kick(self, client_id: str, client: coredis.Redis[str]) -> bool:
+        return await self._require_joined().membership.kick(client, client_id)
 
     async def _leave(self, client: coredis.Redis[str]) -> bool:
         await self._require_joined().membership.leave(client)

@@ -70,6 +70,9 @@ class Member(Protocol):
         """These ``(client id, claim)`` were taken over on another process by a reconnect that
         presented the key: close the connections that made them."""
 
+    def kicked_elsewhere(self, client_ids: list[str]) -> None:
+        """An operator asked another process to close these clients: close them here (4503)."""
+
 
 #: What a broadcast counts in a history's byte budget besides its text and sender: about what
 #: its frame adds (id, timestamp, field names).
@@ -187,6 +190,12 @@ class Broker(abc.ABC):
         """This process's connection for ``client_id`` (``claim``) is gone: drop its claim,
         unless it has changed meanwhile. Sync: the broker does it later, in order with the
         claims."""
+
+    async def kick_elsewhere(self, client_id: str) -> bool:
+        """Ask the other processes of the cluster to close ``client_id`` (4503): True if one
+        of them holds the id (without tokens; with tokens, their connections are closed all
+        the same, but not counted). One process is the whole cluster by default."""
+        return False
 
     async def leave(self) -> None:  # noqa: B027  (a hook: nothing to do by default)
         """The drain is over: stop counting this process in the cluster."""

@@ -448,19 +448,34 @@ class Hub:
             )
 
     def kick(self, client_id: str, who: str) -> bool:
-        """Close this process's connection for ``client_id`` with 4503 (closed by the operator);
-        False if no such client is connected here. ``who`` names the requester in the log."""
-        connection = self.registry.get(client_id)
-        if connection is None or connection.closing:
-            return False
-        connection.request_close(CloseCode.CLOSED_BY_OPERATOR, "closed by the operator")
-        LOGGER.info(
-            "client %s (%s) closed with 4503 by the operator (%s)",
-            client_id,
-            connection.peer,
-            who,
-        )
-        return True
+        """Close this process's connections for ``client_id`` with 4503 (closed by the
+        operator): the one holding the id, or with tokens every tab of that user. False if
+        none is connected here. ``who`` names the requester in the log."""
+        closed = False
+        for connection in self.registry:
+            if connection.client_id != client_id or connection.closing:
+                continue
+            connection.request_close(CloseCode.CLOSED_BY_OPERATOR, "closed by the operator")
+            LOGGER.info(
+                "client %s (%s) closed with 4503 by the operator (%s)",
+                client_id,
+                connection.peer,
+                who,
+            )
+            closed = True
+        return closed
+
+    async def kick_anywhere(self, client_id: str, who: str) -> bool:
+        """:meth:`kick` here, and ask the broker to close ``client_id`` on the other processes
+        of the cluster: True if it was connected here or holds its id on another process."""
+        here = self.kick(client_id, who)
+        elsewhere = await self.broker.kick_elsewhere(client_id)
+        return here or elsewhere
+
+    def kicked_elsewhere(self, client_ids: list[str]) -> None:
+        """An operator asked another process of the cluster to close these clients."""
+        for client_id in client_ids:
+            self.kick(client_id, "through another instance")
 
     def note_publish_refused(self, connection: Connection, policy: str) -> None:
         """Count a client message the publish policy refused; log it, at most one line per

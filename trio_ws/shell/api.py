@@ -5,7 +5,9 @@
   resume and cluster delivery as a client's message, and the same size limit). 202 when the
   broker took it; 503 while the broker cannot (Redis down, or too many messages on their way
   for longer than :data:`PUBLISH_TIMEOUT_S`).
-* ``DELETE /clients/<id>``: close that client on this instance with 4503.
+* ``DELETE /clients/<id>``: close that client with 4503 wherever it is connected: on this
+  instance at once, on the others of a Redis cluster at their next heartbeat (about 2 s). 200
+  if it was connected here or holds its id on another instance, 404 otherwise.
 
 Without a key these routes are not registered at all (404). The key is compared in constant
 time; a request without it, or with another, gets 401.
@@ -141,8 +143,8 @@ def register(app: Quart, hub: Hub, key: str) -> None:
             protocol.validate_client_id(client_id)
         except protocol.ClientIdError as error:
             return _answer(400, error="bad_client_id", reason=str(error))
-        if hub.kick(client_id, _who()):
+        if await hub.kick_anywhere(client_id, _who()):
             return _answer(200, closed=True, instance=hub.instance_id, code=4503)
         return _answer(
-            404, closed=False, instance=hub.instance_id, reason="no such client on this instance"
+            404, closed=False, instance=hub.instance_id, reason="no such client in the cluster"
         )
