@@ -4,16 +4,19 @@ Prometheus's own promtool accepts the exposition."""
 from __future__ import annotations
 
 import subprocess
+import time
 from typing import Any
 
+import jwt
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
-from trio_websocket import open_websocket_url
+from trio_websocket import ConnectionRejected, open_websocket_url
 
 from tests.conftest import StartServer
 from tests.live import free_port, require_tool
 from tests.redisutil import redis_server
-from tests.wsutil import close_code, http_get, next_frame, wait_until
+from tests.wsutil import close_code, http_get, http_request, next_frame, wait_until
 from trio_ws.brokers.redis import RedisBroker
 from trio_ws.core.broker import BrokerState
 from trio_ws.core.health import health_report
@@ -21,6 +24,8 @@ from trio_ws.core.hub import Hub
 from trio_ws.hosting import metrics
 from trio_ws.hosting.launcher import RunningServer
 from trio_ws.settings import Settings
+
+SECRET = "a-test-secret-of-at-least-thirty-two-bytes"
 
 
 def metrics_url(server: RunningServer) -> str:
@@ -80,6 +85,56 @@ async def test_metrics_follow_the_clients_and_agree_with_health(
         )
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+async def test_refusals_publishes_kicks_and_expiries_move_their_counters(
+    start_server: StartServer,
+) -> None:
+    key = "metrics-key-0123456789"
+    server = await start_server(metrics_port=free_port(), api_key=key, client_publish="none")
+    foreign = [(b"Origin", b"https://evil.example")]
+    with pytest.raises(ConnectionRejected):
+        async with open_websocket_url(server.ws_url + "/x", extra_headers=foreign):
+            pass
+    async with open_websocket_url(server.ws_url + "/alice") as alice:
+        await next_frame(alice)
+        async with open_websocket_url(server.ws_url + "/alice") as impostor:
+            assert (await close_code(impostor))[0] == 4009
+        await alice.send_message("refused by TRIO_WS_CLIENT_PUBLISH=none")
+        assert (await next_frame(alice))["type"] == "error"
+        bearer = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        status, _, _ = await http_request(
+            server.binds[0], "POST", "/publish", headers=bearer, body=b'{"text": "hi"}'
+        )
+        assert status == 202
+        assert (await next_frame(alice))["text"] == "hi"
+        status, _, _ = await http_request(
+            server.binds[0], "DELETE", "/clients/alice", headers=bearer
+        )
+        assert status == 200
+        assert (await close_code(alice))[0] == 4503
+    await wait_until(lambda: server.hub.registry.statistics().connections == 0)
+    _, samples = await scrape(server)
+    refused = "trio_ws_connections_refused_total"
+    assert samples[f"{refused}[('reason', 'origin')]"] == 1
+    assert samples[f"{refused}[('reason', 'id_in_use')]"] == 1
+    assert samples["trio_ws_publishes_refused_total"] == 1
+    assert samples["trio_ws_api_publishes_total[('result', 'accepted')]"] == 1
+    assert samples["trio_ws_kicks_total"] == 1
+    assert samples["trio_ws_connections_closed_total[('code', '4503')]"] == 1
+
+    tokens = await start_server(metrics_port=free_port(), jwt_secret=SECRET)
+    async with open_websocket_url(tokens.ws_url + "?token=forged") as ws:
+        assert (await close_code(ws))[0] == 4501
+    short = jwt.encode({"sub": "bob", "exp": int(time.time()) + 2}, SECRET, algorithm="HS256")
+    async with open_websocket_url(f"{tokens.ws_url}?token={short}") as bob:
+        await next_frame(bob)
+        assert (await close_code(bob))[0] == 4502
+    await wait_until(lambda: tokens.hub.registry.statistics().connections == 0)
+    _, samples = await scrape(tokens)
+    assert samples[f"{refused}[('reason', 'token')]"] == 1
+    assert samples["trio_ws_token_expiries_total"] == 1
+    assert samples["trio_ws_connections_closed_total[('code', '4502')]"] == 1
 
 
 async def test_only_get_metrics_is_answered(start_server: StartServer) -> None:
