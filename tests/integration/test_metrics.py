@@ -14,9 +14,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from tests.conftest import StartServer
+from tests.hostile import CLOSE, TEXT, client_frame
 from tests.live import free_port, require_tool
 from tests.redisutil import redis_server
-from tests.wsutil import close_code, http_get, http_request, next_frame, wait_until
+from tests.system.test_hostile_input import host_port
+from tests.wsutil import (
+    close_code,
+    http_get,
+    http_request,
+    next_frame,
+    raw_handshake,
+    read_server_frames,
+    wait_until,
+)
 from trio_ws.brokers.redis import RedisBroker
 from trio_ws.core.broker import BrokerState
 from trio_ws.core.health import health_report
@@ -135,6 +145,27 @@ async def test_refusals_publishes_kicks_and_expiries_move_their_counters(
     assert samples[f"{refused}[('reason', 'token')]"] == 1
     assert samples["trio_ws_token_expiries_total"] == 1
     assert samples["trio_ws_connections_closed_total[('code', '4502')]"] == 1
+
+
+async def test_silent_clients_and_broken_frames_move_their_counters(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(metrics_port=free_port(), ping_interval=0.5, pong_timeout=1)
+    host, port = host_port(server.ws_url)
+    silent = await raw_handshake(host, port, "/ws/silent")
+    broken = await raw_handshake(host, port, "/ws/broken")
+    with silent, broken:
+        await broken.send(client_frame(TEXT, b"\xff\xfe not UTF-8"))
+        for sock, code in ((broken, 1007), (silent, 4010)):
+            frames = await read_server_frames(sock, timeout=10)
+            assert frames[-1][0] == CLOSE
+            assert int.from_bytes(frames[-1][1][:2], "big") == code
+    await wait_until(lambda: server.hub.registry.statistics().connections == 0)
+    _, samples = await scrape(server)
+    assert samples["trio_ws_no_pong_disconnects_total"] == 1
+    assert samples["trio_ws_connections_closed_total[('code', '4010')]"] == 1
+    assert samples["trio_ws_protocol_errors_total"] == 1
+    assert samples["trio_ws_evictions_total[('code', '1007')]"] == 1
 
 
 async def test_only_get_metrics_is_answered(start_server: StartServer) -> None:
