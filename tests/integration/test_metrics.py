@@ -198,7 +198,10 @@ async def test_a_redis_cluster_and_its_outage_are_described(tmp_path: Any) -> No
 
     async with redis_server(str(tmp_path)) as redis, trio.open_nursery() as nursery:
         settings = Settings(broadcast_interval=0, presence_interval=0, redis_url=redis.url)
-        hubs = [Hub(settings, broker=RedisBroker(redis.url), instance_id=n) for n in "ab"]
+        hubs = [
+            Hub(settings, broker=RedisBroker(redis.url, pending_limit=2), instance_id=n)
+            for n in "ab"
+        ]
         for hub in hubs:
             await nursery.start(hub.run)
         hubs[0].connect("x", "p")
@@ -216,9 +219,19 @@ async def test_a_redis_cluster_and_its_outage_are_described(tmp_path: Any) -> No
         assert samples["trio_ws_broker_up"] == 0
         assert samples["trio_ws_broker_outage_seconds"] > 0
         assert samples["trio_ws_broker_outages_total"] == 1
+        # Three messages while Redis is away, room for two: the oldest will not reach "b".
+        for text in ("one", "two", "three"):
+            await hubs[0].publish("x", text)
+        samples = scrape_hub(hubs[0])
+        health = hubs[0].broker.health()
+        assert samples["trio_ws_broker_pending"] == health["pending"] == 2
+        assert samples["trio_ws_broker_pending_bytes"] == health["pending_bytes"] > 0
+        assert samples["trio_ws_broker_dropped_during_outages_total"] == 1
+        assert samples["trio_ws_broker_trims_after_refusals_total"] == 0
         await redis.start()
         await wait_until(lambda: hubs[0].broker.state is BrokerState.UP, timeout=20)
         samples = scrape_hub(hubs[0])
         assert samples["trio_ws_broker_up"] == 1
         assert samples["trio_ws_broker_outage_seconds"] == 0
+        await wait_until(lambda: scrape_hub(hubs[0])["trio_ws_broker_pending_bytes"] == 0, 10)
         nursery.cancel_scope.cancel()
