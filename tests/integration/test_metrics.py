@@ -3,6 +3,7 @@ Prometheus's own promtool accepts the exposition."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from typing import Any
@@ -34,6 +35,7 @@ from trio_ws.core.hub import Hub
 from trio_ws.hosting import metrics
 from trio_ws.hosting.launcher import RunningServer
 from trio_ws.settings import Settings
+from trio_ws.shell import hypercorn_guard
 
 SECRET = "a-test-secret-of-at-least-thirty-two-bytes"
 
@@ -166,6 +168,27 @@ async def test_silent_clients_and_broken_frames_move_their_counters(
     assert samples["trio_ws_connections_closed_total[('code', '4010')]"] == 1
     assert samples["trio_ws_protocol_errors_total"] == 1
     assert samples["trio_ws_evictions_total[('code', '1007')]"] == 1
+
+
+async def test_waiting_connections_closed_by_the_cap_are_counted(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cap 1: a second socket that sends nothing closes the first, and the scrape says so
+    (the count is the process's: compared with the count before)."""
+    server = await start_server(metrics_port=free_port())
+    _, samples = await scrape(server)
+    before = samples["trio_ws_waiting_connections_closed_total"]
+    host, port = host_port(server.binds[0])
+    with monkeypatch.context() as patch:
+        patch.setattr(hypercorn_guard, "_waiting_limit", 1)
+        first = await trio.open_tcp_stream(host, port)
+        second = await trio.open_tcp_stream(host, port)
+        async with first, second:
+            with trio.fail_after(5), contextlib.suppress(trio.BrokenResourceError):
+                assert await first.receive_some() == b""  # closed (or reset)
+    _, samples = await scrape(server)
+    assert samples["trio_ws_waiting_connections_closed_total"] == before + 1
+    assert samples["trio_ws_limits_hit_total[('limit', 'waiting_connections')]"] == before + 1
 
 
 async def test_only_get_metrics_is_answered(start_server: StartServer) -> None:
