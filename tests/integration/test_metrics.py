@@ -149,6 +149,27 @@ async def test_refusals_publishes_kicks_and_expiries_move_their_counters(
     assert samples["trio_ws_connections_closed_total[('code', '4502')]"] == 1
 
 
+async def test_an_id_held_on_another_instance_is_refused_and_counted(
+    start_server: StartServer, tmp_path: Any
+) -> None:
+    """Across a Redis cluster the attempt is registered before the claim fails: it counts as
+    refused (id_in_use) and as closed with 4009, never as a client that left by itself."""
+    async with redis_server(str(tmp_path)) as redis:
+        one = await start_server(redis_url=redis.url)
+        two = await start_server(redis_url=redis.url, metrics_port=free_port())
+        async with open_websocket_url(one.ws_url + "/alice") as alice:
+            await next_frame(alice)
+            async with open_websocket_url(two.ws_url + "/alice") as impostor:
+                assert (await close_code(impostor))[0] == 4009
+        await wait_until(lambda: two.hub.registry.statistics().connections == 0)
+        _, samples = await scrape(two)
+        for hub in (one.hub, two.hub):
+            hub.force_close("test over")  # before Redis goes
+    assert samples["trio_ws_connections_refused_total[('reason', 'id_in_use')]"] == 1
+    assert samples["trio_ws_connections_closed_total[('code', '4009')]"] == 1
+    assert "trio_ws_connections_closed_total[('code', 'none')]" not in samples
+
+
 async def test_silent_clients_and_broken_frames_move_their_counters(
     start_server: StartServer,
 ) -> None:
