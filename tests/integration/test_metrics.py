@@ -170,6 +170,26 @@ async def test_an_id_held_on_another_instance_is_refused_and_counted(
     assert "trio_ws_connections_closed_total[('code', 'none')]" not in samples
 
 
+async def test_a_publish_the_broker_cannot_take_is_counted_as_refused(
+    start_server: StartServer, tmp_path: Any
+) -> None:
+    key = "metrics-key-0123456789"
+    bearer = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    async with redis_server(str(tmp_path)) as redis:
+        server = await start_server(redis_url=redis.url, metrics_port=free_port(), api_key=key)
+        await wait_until(lambda: server.hub.broker.state is BrokerState.UP, timeout=10)
+        await redis.kill()
+        await wait_until(lambda: server.hub.broker.state is not BrokerState.UP, timeout=20)
+        status, _, _ = await http_request(
+            server.binds[0], "POST", "/publish", headers=bearer, body=b'{"text": "hi"}'
+        )
+        assert status == 503
+        _, samples = await scrape(server)
+        server.hub.force_close("test over")
+    assert samples["trio_ws_api_publishes_total[('result', 'refused')]"] == 1
+    assert samples["trio_ws_api_publishes_total[('result', 'accepted')]"] == 0
+
+
 async def test_silent_clients_and_broken_frames_move_their_counters(
     start_server: StartServer,
 ) -> None:
