@@ -178,9 +178,11 @@ def collect(sources: Sources) -> list[Family]:
         "Connections closed for frames that broke the WebSocket protocol (1002, 1007).",
     ).add(hub.protocol_errors, "_total")
 
-    family("trio_ws_messages_received", "counter", "Messages clients published.").add(
-        stats.messages_received, "_total"
-    )
+    family(
+        "trio_ws_messages_received",
+        "counter",
+        "Messages handed to the broker: clients' and those of POST /publish.",
+    ).add(stats.messages_received, "_total")
     family(
         "trio_ws_publishes_refused",
         "counter",
