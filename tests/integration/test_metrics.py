@@ -18,7 +18,6 @@ from tests.conftest import StartServer
 from tests.hostile import CLOSE, TEXT, client_frame
 from tests.live import free_port, require_tool
 from tests.redisutil import redis_server
-from tests.system.test_hostile_input import host_port
 from tests.wsutil import (
     close_code,
     http_get,
@@ -38,6 +37,11 @@ from trio_ws.settings import Settings
 from trio_ws.shell import hypercorn_guard
 
 SECRET = "a-test-secret-of-at-least-thirty-two-bytes"
+
+
+def host_port(url: str) -> tuple[str, int]:
+    host, port = url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    return host, int(port)
 
 
 def metrics_url(server: RunningServer) -> str:
