@@ -53,14 +53,24 @@ async def test_one_scrape_adds_up_two_workers_and_shows_their_drain() -> None:
     async with running(hypercorn("--workers", "2"), env) as server:
         url = await server.ws_url()
         await server.wait_for_line(r"metrics on http://127\.0\.0\.1:\d+/metrics")
+        # Both workers up (each sends its figures once started): until then one takes all.
+        await scrape_until(port, "trio_ws_processes", 2, timeout=30)
         async with trio.open_nursery() as nursery:
             clients: list[tuple[WebSocketConnection, str]] = []
-            # Connect until both workers hold clients (the kernel picks the worker).
-            with trio.fail_after(30):
+            # Connect until both workers hold clients. The kernel picks the worker, and one
+            # idle worker can win every accept of sequential connects: connect in rounds of
+            # several at once, so that the other worker takes some while one is busy.
+
+            async def connect(name: str) -> None:
+                ws = await connect_websocket_url(nursery, f"{url}/{name}")
+                clients.append((ws, (await next_frame(ws))["instance"]))
+
+            with trio.fail_after(60):
                 while len(clients) < 6 or len({i for _, i in clients}) < 2:
-                    ws = await connect_websocket_url(nursery, f"{url}/c{len(clients)}")
-                    clients.append((ws, (await next_frame(ws))["instance"]))
-                    assert len(clients) <= 60, "every connection went to the same worker"
+                    assert len(clients) < 64, "every connection went to the same worker"
+                    async with trio.open_nursery() as round_:
+                        for _ in range(8):
+                            round_.start_soon(connect, f"c{len(clients)}-{_}")
             per_worker = Counter(instance for _, instance in clients)
             # Without a broker each worker broadcasts to its own clients only: n messages
             # reach n clients in each worker.

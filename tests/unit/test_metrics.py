@@ -25,6 +25,7 @@ from trio_ws.core.stats import LATENCY_SAMPLE_EVERY, Histogram, WriteStats
 from trio_ws.hosting import metrics, metrics_server
 from trio_ws.hosting.logs import JsonFormatter, set_instance
 from trio_ws.settings import Settings
+from trio_ws.shell import hypercorn_guard
 
 
 def make_hub(**changes: Any) -> Hub:
@@ -161,6 +162,79 @@ async def test_the_drain_is_described_while_it_runs(autojump_clock: trio.abc.Clo
     samples = scrape(hub)
     assert value(samples, "trio_ws_drain_state") == 2
     assert value(samples, "trio_ws_drain_seconds_left") == 0
+
+
+async def test_the_later_features_are_counted(autojump_clock: trio.abc.Clock) -> None:
+    """Liveness, protocol errors, refusals before registration, the publish policy and API,
+    kicks and token expiries: each has its counter, labelled by a small fixed set."""
+    hub = make_hub()
+    kicked = hub.connect("kicked", "p")
+    expiring = hub.connect("expiring", "p")
+    for reason in ("origin", "token", "id_in_use", "id_in_use"):
+        hub.note_invalid(reason)
+    hub.note_protocol_error(1007, "invalid UTF-8", "p")
+    hub.note_publish_refused(kicked, "authenticated")
+    hub.note_api_publish(accepted=True)
+    hub.note_api_publish(accepted=False)
+    hub.no_pong_disconnects += 2  # as the pinger counts them (tested in test_liveness)
+    assert hub.kick("kicked", "test")
+    assert not hub.kick("nobody", "test")
+    await hub.close_when_expired(expiring, 1_000.0)
+    hub.disconnect(kicked)
+    hub.disconnect(expiring)
+    samples = scrape(hub)
+    refused = "trio_ws_connections_refused_total"
+    assert value(samples, refused, reason="origin") == 1
+    assert value(samples, refused, reason="token") == 1
+    assert value(samples, refused, reason="id_in_use") == 2
+    assert value(samples, refused, reason="stale_attempt") == 0  # every reason, even at 0
+    assert value(samples, "trio_ws_protocol_errors_total") == 1
+    assert value(samples, "trio_ws_no_pong_disconnects_total") == 2
+    assert value(samples, "trio_ws_publishes_refused_total") == 1
+    assert value(samples, "trio_ws_api_publishes_total", result="accepted") == 1
+    assert value(samples, "trio_ws_api_publishes_total", result="refused") == 1
+    assert value(samples, "trio_ws_kicks_total") == 1
+    assert value(samples, "trio_ws_token_expiries_total") == 1
+    assert value(samples, "trio_ws_connections_closed_total", code="4503") == 1
+    assert value(samples, "trio_ws_connections_closed_total", code="4502") == 1
+    assert value(samples, "trio_ws_waiting_connections_closed_total") >= 0
+    assert value(samples, "trio_ws_limits_hit_total", limit="waiting_connections") >= 0
+
+
+def test_the_waiting_connections_closed_by_the_cap_are_counted() -> None:
+    before = hypercorn_guard.waiting_closed_total()
+    old = hypercorn_guard.waiting_limit()
+    hypercorn_guard.limit_waiting(1)
+    try:
+        waiting = hypercorn_guard._Waiting()
+        servers: list[Any] = [object(), object(), object()]
+        for server in servers:
+            waiting.add(server)
+    finally:
+        hypercorn_guard.limit_waiting(old)
+    assert hypercorn_guard.waiting_closed_total() == before + 2
+    samples = scrape(make_hub())
+    assert value(samples, "trio_ws_waiting_connections_closed_total") == before + 2
+    assert value(samples, "trio_ws_limits_hit_total", limit="waiting_connections") == before + 2
+
+
+def test_the_redis_brokers_budget_and_losses_are_exported() -> None:
+    hub = make_hub()
+    report = {
+        "pending": 3,
+        "pending_bytes": 4096,
+        "trims_after_refusals": 2,
+        "dropped_during_outages": 5,
+    }
+    hub.broker.health = lambda: report  # type: ignore[method-assign]
+    samples = scrape(hub)
+    assert value(samples, "trio_ws_broker_pending") == 3
+    assert value(samples, "trio_ws_broker_pending_bytes") == 4096
+    assert value(samples, "trio_ws_broker_trims_after_refusals_total") == 2
+    assert value(samples, "trio_ws_broker_dropped_during_outages_total") == 5
+    merged = metrics.merge([metrics.collect(metrics.Sources(hub, process=None))] * 2)
+    pending_bytes = next(f for f in merged if f.name == "trio_ws_broker_pending_bytes")
+    assert pending_bytes.samples[0][2] == 8192  # summed over workers
 
 
 def test_the_in_process_broker_is_up_and_has_no_cluster() -> None:

@@ -334,6 +334,7 @@ class Hub:
         seconds); the shell runs this beside the connection's reader and writer."""
         await trio.sleep(max(0.0, expires_at - self._wall_clock()))
         if connection.request_close(CloseCode.TOKEN_EXPIRED, EXPIRED_REASON):
+            self.stats.token_expiries += 1
             LOGGER.info(
                 "client %s (%s): token expired, closed with 4502",
                 connection.client_id,
@@ -462,6 +463,7 @@ class Hub:
                 connection.peer,
                 who,
             )
+            self.stats.kicks += 1
             closed = True
         return closed
 
@@ -506,9 +508,15 @@ class Hub:
         self.drain.note_refused(peer)
 
     def note_invalid(self, reason: str) -> None:
-        """A connection refused before it was registered for what it asked (``bad_request``:
-        an invalid client id or resume position; ``stale_attempt``)."""
+        """A connection refused before it was registered for what it asked or presented:
+        ``origin`` (HTTP 403), ``token`` (4501), ``id_in_use`` (4009), ``bad_request`` (1008:
+        an invalid client id or resume position), ``stale_attempt`` (4500). A fixed set: it is
+        a label of ``/metrics``."""
         self.stats.refused[reason] += 1
+
+    def note_api_publish(self, *, accepted: bool) -> None:
+        """A message of ``POST /publish`` the broker took (202), or could not take (503)."""
+        self.stats.api_publishes["accepted" if accepted else "refused"] += 1
 
     def note_limit_hit(self, limit: str) -> None:
         """A connection closed for breaking a per-connection limit (``publish_rate``,

@@ -57,9 +57,11 @@ class HubStats:
     """What the hub counts. Every attribute only grows (they are Prometheus counters)."""
 
     __slots__ = (
+        "api_publishes",
         "bytes_delivered",
         "closed",
         "deliveries",
+        "kicks",
         "last_lag",
         "latency",
         "limits_hit",
@@ -70,6 +72,7 @@ class HubStats:
         "replayed",
         "resumes",
         "resumes_incomplete",
+        "token_expiries",
     )
 
     def __init__(self) -> None:
@@ -84,13 +87,20 @@ class HubStats:
         self.bytes_delivered = 0
         #: Connections that ended, by close code as a string ("none": the client left first).
         self.closed: Counter[str] = Counter()
-        #: Connections refused before they were registered, by reason.
+        #: Connections refused before they were registered, by reason (``origin``, ``token``,
+        #: ``id_in_use``, ``bad_request``, ``stale_attempt``; the limits and the drain count
+        #: their own).
         self.refused: Counter[str] = Counter()
         #: Per-connection limits that closed a client ("publish_rate", "message_size", ...).
         self.limits_hit: Counter[str] = Counter()
         self.resumes = 0
         self.resumes_incomplete = 0
         self.replayed = 0
+        #: Messages ``POST /publish`` took (``accepted``) or answered 503 for (``refused``).
+        self.api_publishes: Counter[str] = Counter()
+        #: Connections closed by the operator (4503), and for an expired token (4502).
+        self.kicks = 0
+        self.token_expiries = 0
         self.latency = Histogram(LATENCY_BUCKETS)
         #: The latest sampled publish-to-write time: how far this process runs behind.
         self.last_lag = 0.0

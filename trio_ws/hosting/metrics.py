@@ -29,6 +29,7 @@ from trio_ws.core.broker import BrokerState
 from trio_ws.core.drain import DrainState
 from trio_ws.core.limits import Limit
 from trio_ws.core.stats import LOOP_LAG_BUCKETS, Histogram
+from trio_ws.shell.hypercorn_guard import waiting_closed_total
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -44,6 +45,10 @@ LOOP_LAG_EVERY_S = 0.5
 
 #: Close codes the server sends to end a connection for what the client did (or did not do).
 EVICTION_CODES = frozenset({"1003", "1008", "1009", "4008"})
+
+#: Why a connection was refused before it was registered, besides the limits and the drain
+#: (``Hub.note_invalid``): every one is exported, 0 until it happens.
+REFUSAL_REASONS = ("origin", "token", "id_in_use", "bad_request", "stale_attempt")
 
 _DRAIN_STATE_NUMBER = {DrainState.SERVING: 0, DrainState.DRAINING: 1, DrainState.STOPPED: 2}
 
@@ -127,7 +132,7 @@ def collect(sources: Sources) -> list[Family]:
     for limit in Limit:
         refused.add(hub.admission.refused[limit], "_total", reason=limit.value)
     refused.add(hub.drain.refused, "_total", reason="draining")
-    for reason in ("bad_request", "stale_attempt"):
+    for reason in REFUSAL_REASONS:
         refused.add(stats.refused[reason], "_total", reason=reason)
 
     evictions = family(
@@ -154,10 +159,49 @@ def collect(sources: Sources) -> list[Family]:
     too_big = stats.limits_hit["message_size"] + hypercorn_closed.get(1009, 0)
     limits.add(stats.limits_hit["publish_rate"], "_total", limit="publish_rate")
     limits.add(too_big, "_total", limit="message_size")
+    waiting_closed = waiting_closed_total()
+    limits.add(waiting_closed, "_total", limit="waiting_connections")
+    family(
+        "trio_ws_waiting_connections_closed",
+        "counter",
+        "Connections not yet past their request's headers (or idle between requests) closed, "
+        "the oldest first, to stay under the cap of waiting connections.",
+    ).add(waiting_closed, "_total")
+    family(
+        "trio_ws_no_pong_disconnects",
+        "counter",
+        "Connections closed with 4010: nothing received within the pong timeout of a ping.",
+    ).add(hub.no_pong_disconnects, "_total")
+    family(
+        "trio_ws_protocol_errors",
+        "counter",
+        "Connections closed for frames that broke the WebSocket protocol (1002, 1007).",
+    ).add(hub.protocol_errors, "_total")
 
-    family("trio_ws_messages_received", "counter", "Messages clients published.").add(
-        stats.messages_received, "_total"
+    family(
+        "trio_ws_messages_received",
+        "counter",
+        "Messages handed to the broker: clients' and those of POST /publish.",
+    ).add(stats.messages_received, "_total")
+    family(
+        "trio_ws_publishes_refused",
+        "counter",
+        "Client messages refused by the publish policy (TRIO_WS_CLIENT_PUBLISH).",
+    ).add(hub.publishes_refused, "_total")
+    api = family(
+        "trio_ws_api_publishes",
+        "counter",
+        "Messages sent to POST /publish: accepted (202) or refused (503, the broker could not "
+        "take them).",
     )
+    for result in ("accepted", "refused"):
+        api.add(stats.api_publishes[result], "_total", result=result)
+    family("trio_ws_kicks", "counter", "Connections closed by the operator (4503).").add(
+        stats.kicks, "_total"
+    )
+    family(
+        "trio_ws_token_expiries", "counter", "Connections closed as their token expired (4502)."
+    ).add(stats.token_expiries, "_total")
     broadcasts = family(
         "trio_ws_broadcasts", "counter", "Broadcasts delivered to this process, by kind."
     )
@@ -291,6 +335,16 @@ def _broker(family: Any, hub: Hub) -> None:
     ).add(health.get("down_for_s") or 0)
     for key, name, help in (
         ("outages", "trio_ws_broker_outages", "Broker outages."),
+        (
+            "dropped_during_outages",
+            "trio_ws_broker_dropped_during_outages",
+            "Messages published here during an outage that will not reach other processes.",
+        ),
+        (
+            "trims_after_refusals",
+            "trio_ws_broker_trims_after_refusals",
+            "Times the stream was trimmed harder after Redis refused a write for memory.",
+        ),
         ("resent_after_outages", "trio_ws_broker_resent", "Broadcasts sent again after one."),
         (
             "duplicates_skipped",
@@ -302,6 +356,11 @@ def _broker(family: Any, hub: Hub) -> None:
     family(
         "trio_ws_broker_pending", "gauge", "Broadcasts published here and not yet in the stream."
     ).add(health.get("pending") or 0)
+    family(
+        "trio_ws_broker_pending_bytes",
+        "gauge",
+        "Bytes of those broadcasts (bounded by TRIO_WS_REDIS_PENDING_MAX_BYTES).",
+    ).add(health.get("pending_bytes") or 0)
     family(
         "trio_ws_broker_reader_lag_seconds",
         "gauge",

@@ -123,6 +123,7 @@ def register(app: Quart, hub: Hub, key: str) -> None:
         if size > max_size:
             return _answer(413, error="too_large", reason=f"message larger than {max_size} bytes")
         if hub.broker.state is not BrokerState.UP:
+            hub.note_api_publish(accepted=False)
             return _answer(503, accepted=False, reason="broker unavailable; try again")
         with trio.move_on_after(PUBLISH_TIMEOUT_S):
             await hub.publish(publisher, text)
@@ -132,7 +133,9 @@ def register(app: Quart, hub: Hub, key: str) -> None:
                 publisher,
                 _who(),
             )
+            hub.note_api_publish(accepted=True)
             return _answer(202, accepted=True, **{"from": publisher})
+        hub.note_api_publish(accepted=False)
         return _answer(503, accepted=False, reason="broker busy; try again")
 
     @app.delete("/clients/<client_id>")

@@ -79,6 +79,8 @@ _suppressed: dict[str, int] = {}
 #: fits a smaller number under its file limit (:func:`limit_waiting`).
 WAITING_MAX = 1000
 _waiting_limit = WAITING_MAX
+#: Waiting connections closed by that cap in this process, for ``/metrics``.
+_waiting_closed_total = 0
 
 
 class HypercornGuardError(RuntimeError):
@@ -167,6 +169,11 @@ def waiting_limit() -> int:
     return _waiting_limit
 
 
+def waiting_closed_total() -> int:
+    """Waiting connections this process closed to stay under the cap (every Trio run)."""
+    return _waiting_closed_total
+
+
 class _Waiting:
     """The waiting connections of one Trio run, oldest first."""
 
@@ -192,6 +199,8 @@ class _Waiting:
         self.servers.pop(server, None)
 
     def _closed_one(self) -> None:
+        global _waiting_closed_total  # one process, one count
+        _waiting_closed_total += 1
         self.closed_since_log += 1
         now = time.monotonic()
         if now - self.logged_at < LOG_INTERVAL_S:

@@ -120,6 +120,7 @@ class WebSocketEndpoint:
                     if client_id is not None and client_id != identity.subject:
                         raise TokenError("the token is for another client id")
                 except TokenError as error:
+                    hub.note_invalid("token")
                     count = hub.token_refusals.event(trio.current_time())
                     if count is not None:
                         LOGGER.info(
@@ -172,6 +173,7 @@ class WebSocketEndpoint:
             await _close(sink, CloseCode.POLICY_VIOLATION, str(error), peer)
             return
         except IdInUseError as error:
+            hub.note_invalid("id_in_use")
             await _close(sink, CloseCode.ID_IN_USE, str(error), peer)
             return
         except StaleAttemptError as error:
@@ -182,6 +184,9 @@ class WebSocketEndpoint:
             hub.watch(connection)  # pinged from now on, and closed with 4010 if silent
         try:
             if not await hub.claim_across_cluster(connection, _query_value(scope, "key")):
+                # Registered already: counted as refused, and as closed with 4009.
+                hub.note_invalid("id_in_use")
+                connection.request_close(CloseCode.ID_IN_USE, ID_IN_USE_REASON)
                 await _close(sink, CloseCode.ID_IN_USE, ID_IN_USE_REASON, peer)
                 return
             if since is not None:
@@ -337,6 +342,7 @@ def _more(count: int) -> str:
 
 async def _refuse_origin(hub: Hub, scope: dict[str, Any], send: Send, peer: str) -> None:
     origin, host, scheme = _origin_and_target(hub, scope)
+    hub.note_invalid("origin")
     count = hub.origin_refusals.event(trio.current_time())
     if count is not None:
         LOGGER.info(
