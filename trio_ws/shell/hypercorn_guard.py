@@ -131,13 +131,11 @@ def install() -> None:
         # close was cancelled at its first checkpoint and the socket stayed open for good.
         # Bounded, as a TLS close may wait on a peer that reads nothing: then the socket is
         # closed without the TLS goodbye.
-        # One scope does both (a shielded scope still ends at its own deadline), and the
-        # lock is taken without a yield when free, as it is at the end of most connections.
-        with trio.CancelScope(
-            shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT_S
-        ) as bounded:
-            await _locked(self.send_lock, original_close, self)
-        if bounded.cancelled_caught:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                async with self.send_lock:
+                    await original_close(self)
+                return
             await trio.aclose_forcefully(self.stream)
 
     original_initiate = H2Protocol.initiate
@@ -317,17 +315,3 @@ def _leaves(error: BaseException) -> list[BaseException]:
     if isinstance(error, BaseExceptionGroup):
         return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
     return [error]
-
-
-async def _locked(lock: trio.Lock, call: Any, *args: Any) -> None:
-    """``await call(*args)`` holding ``lock``; taken at once when free, without the yield that
-    ``async with lock`` makes (a task switch per close, in a storm of them). ``call`` still
-    checkpoints: it writes to the socket."""
-    try:
-        lock.acquire_nowait()
-    except trio.WouldBlock:
-        await lock.acquire()
-    try:
-        await call(*args)
-    finally:
-        lock.release()

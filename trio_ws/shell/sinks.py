@@ -346,10 +346,7 @@ class _FlushFirstLock:
         return self._lock.locked()
 
     async def __aenter__(self) -> None:
-        try:
-            self._lock.acquire_nowait()  # free, as it mostly is: no yield for it
-        except trio.WouldBlock:
-            await self._lock.acquire()
+        await self._lock.acquire()
         try:
             await self._sink.flush_pending()
         except BaseException:
