@@ -254,6 +254,23 @@ async def test_a_valid_token_names_the_client_from_query_header_or_subprotocol(
     assert alice not in server_log(caplog)
 
 
+async def test_without_tokens_the_bearer_subprotocol_is_still_echoed(
+    server: RunningServer,
+) -> None:
+    # A page written for a server with tokens offers the subprotocol pair; a server without
+    # them ignores the token but must accept the subprotocol (a browser fails a handshake that
+    # offered one and got none), and the id stays the server's, not the token's.
+    async with (
+        open_websocket_url(server.ws_url, subprotocols=["trio-ws.bearer", good()]) as offered,
+        open_websocket_url(server.ws_url + "?token=ignored") as plain,
+    ):
+        assert offered.subprotocol == "trio-ws.bearer"
+        assert plain.subprotocol is None
+        for ws in (offered, plain):
+            assert (await next_frame(ws))["client_id"].startswith("anon-")
+        assert not any(c.authenticated for c in server.hub.registry)
+
+
 async def test_with_tokens_a_tab_reconnecting_with_its_key_replaces_only_itself(
     token_server: RunningServer,
 ) -> None:

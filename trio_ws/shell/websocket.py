@@ -31,7 +31,14 @@ from trio_ws.core.protocol import (
     StaleAttemptError,
 )
 from trio_ws.core.publish_limits import RATE_LIMITED_REASON, PublishLimit, PublishPolicy
-from trio_ws.core.tokens import Identity, TokenError, token_from_request, verify_token
+from trio_ws.core.tokens import (
+    BEARER_SUBPROTOCOL,
+    Identity,
+    Presented,
+    TokenError,
+    token_from_request,
+    verify_token,
+)
 from trio_ws.core.words import loggable, redact_query
 from trio_ws.shell import hypercorn_limits
 
@@ -51,6 +58,10 @@ LOGGER = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 5.0
 
 PATH = "/ws"
+
+#: What a handshake presents when tokens are off: no token, and the subprotocol to echo.
+_NO_TOKEN = Presented(None)
+_NO_TOKEN_BEARER = Presented(None, BEARER_SUBPROTOCOL)
 
 
 def is_websocket_path(path: str) -> bool:
@@ -87,11 +98,15 @@ class WebSocketEndpoint:
         if not origin_allowed(hub, scope):
             await _refuse_origin(hub, scope, send, peer)
             return
-        presented = token_from_request(
-            scope.get("headers", ()),
-            scope.get("query_string", b""),
-            scope.get("subprotocols") or (),
-        )
+        subprotocols = scope.get("subprotocols") or ()
+        if hub.token_policy is None:
+            # Tokens off: nothing reads a token, so none is looked for; the subprotocol is
+            # still echoed (a browser fails a handshake that offered one and got none).
+            presented = _NO_TOKEN_BEARER if BEARER_SUBPROTOCOL in subprotocols else _NO_TOKEN
+        else:
+            presented = token_from_request(
+                scope.get("headers", ()), scope.get("query_string", b""), subprotocols
+            )
         # The "websocket.connect" event is left for the reader to skip, as Quart does: some ASGI
         # hosts (Quart's test client) never send it. Accept first: refusing before the
         # handshake answers HTTP 403, which clients treat as fatal; a close frame carries a
@@ -155,7 +170,9 @@ class WebSocketEndpoint:
             # must not take its id over from the retry that may already be connected.
             LOGGER.debug("client %s gone before its welcome: not registered", peer)
             return
-        since = _query_value(scope, "since")
+        query = _query(scope)
+        since = _first(query, "since")
+        resume_key = _first(query, "key")
         try:
             if since is not None:
                 protocol.validate_since(since)
@@ -164,7 +181,7 @@ class WebSocketEndpoint:
                 peer,
                 resuming=since is not None,
                 attempt=attempt,
-                resume_key=_query_value(scope, "key"),
+                resume_key=resume_key,
                 authenticated=identity is not None,
             )
         except (ClientIdError, ResumeError) as error:
@@ -183,7 +200,7 @@ class WebSocketEndpoint:
         if sink.can_ping and hypercorn_limits.watch_reads(send, connection):
             hub.watch(connection)  # pinged from now on, and closed with 4010 if silent
         try:
-            if not await hub.claim_across_cluster(connection, _query_value(scope, "key")):
+            if not await hub.claim_across_cluster(connection, resume_key):
                 # Registered already: counted as refused, and as closed with 4009.
                 hub.note_invalid("id_in_use")
                 connection.request_close(CloseCode.ID_IN_USE, ID_IN_USE_REASON)
@@ -308,6 +325,8 @@ def client_address(hub: Hub, scope: dict[str, Any]) -> tuple[str, str]:
 
 def origin_allowed(hub: Hub, scope: dict[str, Any]) -> bool:
     """Whether the handshake's ``Origin`` (if any) may connect: see core/origins.py."""
+    if hub.origins.any:
+        return True  # ``*``: no header needs reading
     origin, host, scheme = _origin_and_target(hub, scope)
     return hub.origins.allows(origin, host, scheme)
 
@@ -373,9 +392,14 @@ async def _refuse_origin(hub: Hub, scope: dict[str, Any], send: Send, peer: str)
         await send({"type": "websocket.close", "code": 1008})  # Hypercorn answers 403
 
 
-def _query_value(scope: dict[str, Any], name: str) -> str | None:
-    query = scope.get("query_string", b"").decode("latin-1")
-    values = urllib.parse.parse_qs(query).get(name)
+def _query(scope: dict[str, Any]) -> dict[str, list[str]]:
+    """The handshake's query parameters, parsed once (most handshakes have none)."""
+    query: bytes = scope.get("query_string", b"")
+    return urllib.parse.parse_qs(query.decode("latin-1")) if query else {}
+
+
+def _first(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
     return values[0] if values else None
 
 
