@@ -21,6 +21,8 @@ def loggable(text: str, limit: int = LOGGABLE_LIMIT) -> str:
     Printable non-ASCII text (Ukrainian, emoji) is kept as it is. Costs O(limit), however long
     ``text`` is.
     """
+    if len(text) <= limit and text.isprintable() and "\\" not in text:
+        return text  # nothing to escape or cut: the string itself, not a copy to keep
     out: list[str] = []
     used = 0
     consumed = 0
