@@ -227,7 +227,12 @@ class WebSocketEndpoint:
         publish = self.hub.publish
         policy = self.publish_policy
         limit = PublishLimit(policy, trio.current_time()) if policy.enabled else None
+        event: dict[str, Any] | None = None
+        data: str | None = None
         while True:
+            # Let go of the last message before waiting for the next: an idle client would
+            # keep it (up to max_message_size) for as long as it stays idle.
+            event = data = None
             event = await receive()
             kind = event["type"]
             if kind != "websocket.receive":
