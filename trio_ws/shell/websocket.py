@@ -74,6 +74,8 @@ class WebSocketEndpoint:
         self.max_message_size = hub.settings.max_message_size
         self.publish_policy = PublishPolicy.from_settings(hub.settings)
         self.client_publish = ClientPublish(hub.settings.client_publish)
+        #: Bound once: a bound method made in each reader's frame would be kept per connection.
+        self.publish = hub.publish
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         attempt = self.hub.new_attempt()
@@ -224,7 +226,7 @@ class WebSocketEndpoint:
         down); over it for too long, it gets an ``error`` frame and 1008 (core/publish_limits.py).
         """
         max_size = self.max_message_size
-        publish = self.hub.publish
+        publish = self.publish
         policy = self.publish_policy
         limit = PublishLimit(policy, trio.current_time()) if policy.enabled else None
         event: dict[str, Any] | None = None
