@@ -22,7 +22,7 @@ def loggable(text: str, limit: int = LOGGABLE_LIMIT) -> str:
     ``text`` is.
     """
     if len(text) <= limit and text.isprintable() and "\\" not in text:
-        return text  # nothing to escape or cut: the string itself, not a copy to keep
+        return text  # the common case (an address, a plain path): nothing to escape or cut
     out: list[str] = []
     used = 0
     consumed = 0
