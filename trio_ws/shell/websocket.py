@@ -99,10 +99,8 @@ class WebSocketEndpoint:
         # handshake answers HTTP 403, which clients treat as fatal; a close frame carries a
         # code they can act on. The subprotocol accepted is one the client offered, never the
         # token (Hypercorn's worker fails on one it did not offer).
-        accept: dict[str, Any] = {"type": "websocket.accept"}
-        if presented.subprotocol is not None:
-            accept["subprotocol"] = presented.subprotocol
-        await send(accept)
+        # A temporary, not a local: this frame lives as long as the connection does.
+        await send(_accept_event(presented.subprotocol))
         sink = self.direct.open_sink(send)
         if hub.draining:
             hub.note_refused(peer)
@@ -340,6 +338,13 @@ def _origin_and_target(hub: Hub, scope: dict[str, Any]) -> tuple[str | None, str
         host = forwarded_host or host
         scheme = forwarded_scheme or scheme
     return origin, host, scheme
+
+
+def _accept_event(subprotocol: str | None) -> dict[str, Any]:
+    accept: dict[str, Any] = {"type": "websocket.accept"}
+    if subprotocol is not None:
+        accept["subprotocol"] = subprotocol
+    return accept
 
 
 def _more(count: int) -> str:
