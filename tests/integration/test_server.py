@@ -4,10 +4,13 @@ clients, and raw sockets for the clients that misbehave."""
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import logging
 import os
 import socket
+import types
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -34,6 +37,7 @@ from tests.wsutil import (
 )
 from trio_ws.core.protocol import parse_message_id
 from trio_ws.hosting.launcher import RunningServer
+from trio_ws.shell import websocket as websocket_module
 
 
 def host_port(server: RunningServer) -> tuple[str, int]:
@@ -733,3 +737,45 @@ async def test_an_attempt_its_client_gave_up_on_never_takes_over_the_id(
         await retry.send_message("still here")
         assert (await next_frame(retry))["text"] == "still here"
     assert server.hub.registry.statistics().replaced == 0
+
+
+def endpoint_locals_holding(held: Callable[[object], bool]) -> list[str]:
+    """The locals of the /ws endpoint's suspended coroutines for which ``held`` is true (or,
+    for a dict, true of one of its values), as ``function: name``."""
+    found = []
+    for obj in gc.get_objects():
+        if not isinstance(obj, types.CoroutineType) or obj.cr_frame is None:
+            continue
+        if obj.cr_code.co_filename != websocket_module.__file__:
+            continue
+        for name, value in obj.cr_frame.f_locals.items():
+            values = value.values() if isinstance(value, dict) else (value,)
+            if held(value) or any(held(v) for v in values):
+                found.append(f"{obj.cr_code.co_qualname}: {name}")
+    return found
+
+
+async def test_an_idle_client_does_not_keep_its_last_message_in_memory(
+    server: RunningServer,
+) -> None:
+    # The reader waits for the next message for as long as the client stays idle: its frame
+    # must not hold the last one (up to max_message_size per connection) meanwhile.
+    marker = "last-message-" + "m" * 40_000
+    async with open_websocket_url(server.ws_url) as ws:
+        await next_frame(ws)
+        await ws.send_message(marker)
+        assert (await next_frame(ws))["text"] == marker
+        await trio.sleep(0.1)  # the reader is back in receive(), waiting
+        assert endpoint_locals_holding(lambda value: value == marker) == []
+
+
+async def test_an_idle_connection_keeps_no_asgi_event(server: RunningServer) -> None:
+    # The handshake's events (websocket.connect, the accept sent) are done with once the
+    # client is served: an idle connection's frames must not keep them (184 B or more each).
+    def asgi_event(value: object) -> bool:
+        return isinstance(value, dict) and str(value.get("type", "")).startswith("websocket.")
+
+    async with open_websocket_url(server.ws_url) as ws:
+        await next_frame(ws)
+        await trio.sleep(0.1)  # the reader is in receive(), waiting
+        assert endpoint_locals_holding(asgi_event) == []

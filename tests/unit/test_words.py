@@ -41,3 +41,10 @@ def test_a_20_kb_url_with_escapes_becomes_one_short_line() -> None:
     assert line.startswith("/ws/\\x1b]0;owned\\x07\\x00\\x1b[31m")
     assert line.endswith(f"...[{len(url)} chars]")
     assert len(loggable(url, limit=20)) <= 20 + len(f"...[{len(url)} chars]")
+
+
+def test_a_clean_string_is_returned_itself_not_copied() -> None:
+    # A connection keeps its loggable peer for its whole life: no second copy of it.
+    peer = "".join(["127.0.0.1:", "5000"])
+    assert loggable(peer) is peer
+    assert loggable("Привіт 🎉 " * 2) == "Привіт 🎉 " * 2

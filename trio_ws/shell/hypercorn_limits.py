@@ -161,7 +161,9 @@ def _limits(stream: WSStream) -> WebSocketLimits:
     own = getattr(getattr(stream.app, "app", None), "websocket_limits", None)
     configured = int(stream.config.websocket_max_message_size)
     if isinstance(own, WebSocketLimits):
-        return replace(own, max_message_size=min(own.max_message_size, configured))
+        if own.max_message_size <= configured:
+            return own  # shared by every stream, not a copy per connection
+        return replace(own, max_message_size=configured)
     return WebSocketLimits(configured, compression=True)
 
 

@@ -85,6 +85,8 @@ class WebSocketEndpoint:
         self.max_message_size = hub.settings.max_message_size
         self.publish_policy = PublishPolicy.from_settings(hub.settings)
         self.client_publish = ClientPublish(hub.settings.client_publish)
+        #: Bound once: a bound method made in each reader's frame would be kept per connection.
+        self.publish = hub.publish
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         attempt = self.hub.new_attempt()
@@ -112,10 +114,8 @@ class WebSocketEndpoint:
         # handshake answers HTTP 403, which clients treat as fatal; a close frame carries a
         # code they can act on. The subprotocol accepted is one the client offered, never the
         # token (Hypercorn's worker fails on one it did not offer).
-        accept: dict[str, Any] = {"type": "websocket.accept"}
-        if presented.subprotocol is not None:
-            accept["subprotocol"] = presented.subprotocol
-        await send(accept)
+        # A temporary, not a local: this frame lives as long as the connection does.
+        await send(_accept_event(presented.subprotocol))
         sink = self.direct.open_sink(send)
         if hub.draining:
             hub.note_refused(peer)
@@ -241,10 +241,15 @@ class WebSocketEndpoint:
         down); over it for too long, it gets an ``error`` frame and 1008 (core/publish_limits.py).
         """
         max_size = self.max_message_size
-        publish = self.hub.publish
+        publish = self.publish
         policy = self.publish_policy
         limit = PublishLimit(policy, trio.current_time()) if policy.enabled else None
+        event: dict[str, Any] | None = None
+        data: str | None = None
         while True:
+            # Let go of the last message before waiting for the next: an idle client would
+            # keep it (up to max_message_size) for as long as it stays idle.
+            event = data = None
             event = await receive()
             kind = event["type"]
             if kind != "websocket.receive":
@@ -352,6 +357,13 @@ def _origin_and_target(hub: Hub, scope: dict[str, Any]) -> tuple[str | None, str
         host = forwarded_host or host
         scheme = forwarded_scheme or scheme
     return origin, host, scheme
+
+
+def _accept_event(subprotocol: str | None) -> dict[str, Any]:
+    accept: dict[str, Any] = {"type": "websocket.accept"}
+    if subprotocol is not None:
+        accept["subprotocol"] = subprotocol
+    return accept
 
 
 def _more(count: int) -> str:
