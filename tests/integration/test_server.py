@@ -592,36 +592,36 @@ async def test_uncompressed_frames_on_a_permessage_deflate_connection(
     sock.close()
 
 
-async def test_websocket_over_http2_stays_inside_http2_frames(server: RunningServer) -> None:
-    """RFC 8441: over HTTP/2 the WebSocket is one stream of a multiplexed connection; its bytes
-    must travel in DATA frames, so the direct socket writer must stand aside."""
+async def _h2_websocket_until(
+    host: str, port: int, path: str, marker: bytes, timeout: float
+) -> tuple[trio.socket.SocketType, bytes]:
+    """Open a WebSocket over cleartext HTTP/2 (RFC 8441, extended CONNECT) on ``path`` and read
+    its DATA (acknowledged as it comes) until ``marker`` shows: the socket and the bytes."""
     import h2.config
     import h2.connection
     import h2.events
 
-    host, port = host_port(server)
     sock = trio.socket.socket()
     await sock.connect((host, port))
     conn = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=True, header_encoding=None)
     )
     conn.initiate_connection()
-    await sock.send(conn.data_to_send())
     conn.send_headers(
         1,
         [
             (b":method", b"CONNECT"),
             (b":protocol", b"websocket"),
             (b":scheme", b"http"),
-            (b":path", b"/ws/h2client"),
+            (b":path", path.encode()),
             (b":authority", f"{host}:{port}".encode()),
             (b"sec-websocket-version", b"13"),
         ],
     )
     await sock.send(conn.data_to_send())
     data = b""
-    with trio.fail_after(5):
-        while b'"welcome"' not in data:
+    with trio.fail_after(timeout):
+        while marker not in data:
             chunk = await sock.recv(65536)
             assert chunk, "connection closed"
             for event in conn.receive_data(chunk):  # raises on an HTTP/2 protocol error
@@ -630,6 +630,14 @@ async def test_websocket_over_http2_stays_inside_http2_frames(server: RunningSer
                     conn.acknowledge_received_data(event.flow_controlled_length, 1)
             if out := conn.data_to_send():
                 await sock.send(out)
+    return sock, data
+
+
+async def test_websocket_over_http2_stays_inside_http2_frames(server: RunningServer) -> None:
+    """RFC 8441: over HTTP/2 the WebSocket is one stream of a multiplexed connection; its bytes
+    must travel in DATA frames, so the direct socket writer must stand aside."""
+    host, port = host_port(server)
+    sock, data = await _h2_websocket_until(host, port, "/ws/h2client", b'"welcome"', 5)
     assert data.startswith(b"\x81")  # a WebSocket text frame, inside HTTP/2 DATA
     assert server.hub.registry.get("h2client").writer == "asgi"  # type: ignore[union-attr]
     sock.close()
@@ -640,41 +648,10 @@ async def test_a_websocket_over_http2_is_pinged_and_closed_with_4010_when_silent
 ) -> None:
     """The ASGI sink has no ping of its own: it pings through Hypercorn's stream, inside HTTP/2
     DATA frames, and a client that never answers is closed with 4010 there too."""
-    import h2.config
-    import h2.connection
-    import h2.events
-
     server = await start_server(ping_interval=0.5, pong_timeout=1)
     host, port = host_port(server)
-    sock = trio.socket.socket()
-    await sock.connect((host, port))
-    conn = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=True, header_encoding=None)
-    )
-    conn.initiate_connection()
-    conn.send_headers(
-        1,
-        [
-            (b":method", b"CONNECT"),
-            (b":protocol", b"websocket"),
-            (b":scheme", b"http"),
-            (b":path", b"/ws/h2silent"),
-            (b":authority", f"{host}:{port}".encode()),
-            (b"sec-websocket-version", b"13"),
-        ],
-    )
-    await sock.send(conn.data_to_send())
-    data = b""
-    with trio.fail_after(8):
-        while b"\x88" not in data:  # until the close frame (the welcome is ASCII JSON)
-            chunk = await sock.recv(65536)
-            assert chunk, "connection closed"
-            for event in conn.receive_data(chunk):
-                if isinstance(event, h2.events.DataReceived):
-                    data += event.data
-                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
-            if out := conn.data_to_send():
-                await sock.send(out)
+    # Until the close frame (the welcome is ASCII JSON, so 0x88 first appears there).
+    sock, data = await _h2_websocket_until(host, port, "/ws/h2silent", b"\x88", 8)
     assert b"\x89\x00" in data  # the ping, inside DATA
     close = data[data.index(b"\x88") :]
     assert int.from_bytes(close[2:4], "big") == 4010
