@@ -28,7 +28,7 @@ from trio_ws.core import protocol
 from trio_ws.core.broker import Broadcast, Broker, BrokerState, Outgoing
 from trio_ws.core.drain import Drain, DrainPolicy
 from trio_ws.core.forwarded import TrustedProxies
-from trio_ws.core.limits import Admission, LimitPolicy
+from trio_ws.core.limits import REFUSAL_LOG_EVERY_S, Admission, LimitPolicy
 from trio_ws.core.liveness import LivenessPolicy, LivenessSchedule
 from trio_ws.core.origins import OriginPolicy
 from trio_ws.core.protocol import PING, RESUME_KEY_PATTERN, CloseCode, Frame
@@ -57,14 +57,9 @@ ID_IN_USE_REASON = "client id in use; retry later"
 #: at a trickle can make a close or a pong wait for.
 BATCH_LIMIT_BYTES = 64 * 1024
 
-#: At most one log line per this many seconds for client messages the publish policy refuses.
-REFUSED_LOG_EVERY_S = 10.0
 #: The pinger lets other tasks run after this many pings: a tick's pings never hold the event
 #: loop for longer than one batch (about a millisecond), whatever the number of connections.
 PING_BATCH = 256
-#: At most one log line per this many seconds for refused origins, and for refused tokens: a
-#: flood of them costs a handshake each, not a log line each.
-REFUSAL_LOG_EVERY_S = 10.0
 #: ``log_connections=summary``: one line with the connects and disconnects of each interval.
 CONNECTION_SUMMARY_INTERVAL_S = 10.0
 
@@ -86,7 +81,8 @@ class Hub:
         self.token_policy = token_policy
         #: Which pages may open a WebSocket (the ``Origin`` check, before the handshake).
         self.origins = OriginPolicy(settings.allowed_origins)
-        #: The pace of the refusal lines (see :data:`REFUSAL_LOG_EVERY_S`).
+        #: The pace of the refusal lines: a flood of refusals costs a handshake each, not a
+        #: log line each.
         self.origin_refusals = Throttle(REFUSAL_LOG_EVERY_S)
         self.token_refusals = Throttle(REFUSAL_LOG_EVERY_S)
         #: Counters for /metrics, read when a scrape asks (trio_ws/core/stats.py).
@@ -120,7 +116,7 @@ class Hub:
         self.messages_broadcast = 0
         #: Client messages refused by ``TRIO_WS_CLIENT_PUBLISH``, and their log lines' pace.
         self.publishes_refused = 0
-        self._refused_log = Throttle(REFUSED_LOG_EVERY_S)
+        self._refused_log = Throttle(REFUSAL_LOG_EVERY_S)
         #: Clients closed with 4010 (silent after a ping), and frames refused as malformed.
         self.no_pong_disconnects = 0
         self.protocol_errors = 0
@@ -221,22 +217,20 @@ class Hub:
                     current.peer,
                 )
                 raise protocol.StaleAttemptError("a newer connection for this id is already here")
-            if not authenticated:
-                if resume_key is None or not hmac.compare_digest(
-                    resume_key, current.resume_key or ""
-                ):
-                    LOGGER.info(
-                        "client %s: attempt from %s refused with 4009, the id is held by a "
-                        "connection from %s and %s",
-                        client_id,
-                        peer,
-                        current.peer,
-                        "no resume key was presented"
-                        if resume_key is None
-                        else "the resume key presented is not its",
-                    )
-                    raise protocol.IdInUseError(ID_IN_USE_REASON)
-                key = resume_key
+            if not authenticated and (
+                resume_key is None or not hmac.compare_digest(resume_key, current.resume_key or "")
+            ):
+                LOGGER.info(
+                    "client %s: attempt from %s refused with 4009, the id is held by a "
+                    "connection from %s and %s",
+                    client_id,
+                    peer,
+                    current.peer,
+                    "no resume key was presented"
+                    if resume_key is None
+                    else "the resume key presented is not its",
+                )
+                raise protocol.IdInUseError(ID_IN_USE_REASON)
         now = self._wall_clock()
         connection = Connection(
             client_id,
@@ -481,7 +475,7 @@ class Hub:
 
     def note_publish_refused(self, connection: Connection, policy: str) -> None:
         """Count a client message the publish policy refused; log it, at most one line per
-        :data:`REFUSED_LOG_EVERY_S` with the count."""
+        :data:`~trio_ws.core.limits.REFUSAL_LOG_EVERY_S` with the count."""
         self.publishes_refused += 1
         count = self._refused_log.event(trio.current_time())
         if count is not None:

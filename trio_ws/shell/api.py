@@ -26,6 +26,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from trio_ws.core import protocol
 from trio_ws.core.broker import BrokerState
+from trio_ws.core.limits import REFUSAL_LOG_EVERY_S
 from trio_ws.core.throttle import Throttle
 from trio_ws.core.words import loggable
 
@@ -44,8 +45,6 @@ PUBLISH_TIMEOUT_S = 5.0
 BODY_EXPANSION = 6
 BODY_ENVELOPE_BYTES = 1024
 
-#: At most one log line per this many seconds for refused requests (a key being guessed).
-REFUSAL_LOG_EVERY_S = 10.0
 
 Answer = tuple[dict[str, Any], int, dict[str, str]]
 

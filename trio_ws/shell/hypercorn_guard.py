@@ -60,6 +60,8 @@ from hypercorn.events import Updated
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio.tcp_server import TCPServer
 
+from trio_ws.core.throttle import Throttle
+
 LOGGER = logging.getLogger(__name__)
 
 #: Hypercorn releases whose ``TCPServer.run`` was read and whose crashes were reproduced.
@@ -179,8 +181,7 @@ class _Waiting:
 
     def __init__(self) -> None:
         self.servers: dict[TCPServer, None] = {}
-        self.closed_since_log = 0
-        self.logged_at = -LOG_INTERVAL_S
+        self._closes_log = Throttle(LOG_INTERVAL_S)
 
     def add(self, server: TCPServer) -> list[TCPServer]:
         """``server`` waits (again), as the newest; returns the oldest ones to close, as many
@@ -201,19 +202,16 @@ class _Waiting:
     def _closed_one(self) -> None:
         global _waiting_closed_total  # one process, one count
         _waiting_closed_total += 1
-        self.closed_since_log += 1
-        now = time.monotonic()
-        if now - self.logged_at < LOG_INTERVAL_S:
+        count = self._closes_log.event(time.monotonic())
+        if count is None:
             return
         LOGGER.warning(
             "%d connections waiting for their request's headers: the oldest closed to make "
             "room; %d such in the last %gs",
             _waiting_limit,
-            self.closed_since_log,
+            count,
             LOG_INTERVAL_S,
         )
-        self.logged_at = now
-        self.closed_since_log = 0
 
 
 async def _close_all(servers: list[TCPServer]) -> None:

@@ -244,6 +244,8 @@ class WebSocketEndpoint:
         publish = self.publish
         policy = self.publish_policy
         limit = PublishLimit(policy, trio.current_time()) if policy.enabled else None
+        # Whether this connection may publish cannot change while it is open.
+        allowed = may_publish(self.client_publish, authenticated=connection.authenticated)
         event: dict[str, Any] | None = None
         data: str | None = None
         while True:
@@ -274,7 +276,7 @@ class WebSocketEndpoint:
             if limit is not None and not await limit.admit(size):
                 self._close_flooder(connection, limit)
                 return
-            if not may_publish(self.client_publish, authenticated=connection.authenticated):
+            if not allowed:
                 self._refuse_publish(connection)
                 continue
             await publish(connection.client_id, data)
